@@ -1,0 +1,74 @@
+"""Wiring: `create_app(config)` builds one self-contained mirror. All state hangs off the
+application (no module globals), so tests can run several mirrors in one process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.flight import Background
+from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
+from mirror.index import Index
+from mirror.proxy import Proxy
+from mirror.routing import Router
+from mirror.storage import BlobStore
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+# Big enough that the download loop hands the hasher and disk megabyte-sized writes.
+UPSTREAM_READ_BUFFER = 4 << 20
+
+
+@dataclass(slots=True)
+class Services:
+    """What a running mirror is made of; exposed for the CLI, tests and benchmarks."""
+
+    config: Config
+    store: BlobStore
+    index: Index
+    background: Background
+    proxy: Proxy
+    session: aiohttp.ClientSession
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware])
+    RegistryHandlers(Router(config)).add_routes(app)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        store = BlobStore(config.cache_dir)
+        swept = store.open()
+        if swept:
+            log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
+        index = Index(config.cache_dir / "index.db")
+        await index.open()
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
+                                          sock_read=config.timeouts.read),
+            auto_decompress=False,
+            read_bufsize=UPSTREAM_READ_BUFFER,
+            headers={"User-Agent": "mirror (pull-through cache)"},
+        )
+        background = Background()
+        upstreams = {u.name: Upstream(u, session) for u in config.upstreams}
+        proxy = Proxy(store, index, upstreams, background, **({"clock": clock} if clock else {}))
+        app[SERVICES] = Services(config, store, index, background, proxy, session)
+        app[PROXY] = proxy
+        try:
+            yield
+        finally:
+            await background.close()
+            await session.close()
+            await index.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,114 @@
+"""Domain errors, each carrying the OCI error code and HTTP status a client is shown.
+
+Raised anywhere below the HTTP layer; rendered as OCI error JSON in exactly one place (the error
+middleware in `mirror.handlers`). The tree:
+
+    MirrorError
+    ├── NameInvalid          400 NAME_INVALID       malformed repository name
+    ├── TagInvalid           400 TAG_INVALID        malformed tag
+    ├── DigestInvalid        400 DIGEST_INVALID     malformed digest, or content that fails its digest
+    ├── ManifestInvalid      400 MANIFEST_INVALID   an upstream manifest the mirror will not store
+    ├── RangeInvalid         416 RANGE_INVALID      unsatisfiable Range
+    ├── NameUnknown          404 NAME_UNKNOWN
+    ├── ManifestUnknown      404 MANIFEST_UNKNOWN
+    ├── BlobUnknown          404 BLOB_UNKNOWN
+    ├── NotFound             404 NOT_FOUND          no such endpoint
+    ├── Unauthorized         401 UNAUTHORIZED       the upstream refused the mirror's credentials
+    ├── Denied               403 DENIED             not allowed, e.g. a registry that is not configured
+    ├── Unsupported          405 UNSUPPORTED        push, delete and other writes
+    ├── TooManyRequests      429 TOOMANYREQUESTS    the upstream rate-limits us (carries Retry-After)
+    ├── Unavailable          503 UNAVAILABLE        the upstream is unreachable, times out or fails
+    └── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class MirrorError(Exception):
+    code: ClassVar[str] = "UNKNOWN"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, detail: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def to_json(self) -> dict[str, object]:
+        return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+
+
+class NameInvalid(MirrorError):
+    code, status = "NAME_INVALID", 400
+
+
+class TagInvalid(MirrorError):
+    code, status = "TAG_INVALID", 400
+
+
+class DigestInvalid(MirrorError):
+    code, status = "DIGEST_INVALID", 400
+
+
+class ManifestInvalid(MirrorError):
+    code, status = "MANIFEST_INVALID", 400
+
+
+class RangeInvalid(MirrorError):
+    code, status = "RANGE_INVALID", 416
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+class NameUnknown(MirrorError):
+    code, status = "NAME_UNKNOWN", 404
+
+
+class ManifestUnknown(MirrorError):
+    code, status = "MANIFEST_UNKNOWN", 404
+
+
+class BlobUnknown(MirrorError):
+    code, status = "BLOB_UNKNOWN", 404
+
+
+class NotFound(MirrorError):
+    code, status = "NOT_FOUND", 404
+
+
+class Unauthorized(MirrorError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class Denied(MirrorError):
+    code, status = "DENIED", 403
+
+
+class Unsupported(MirrorError):
+    code, status = "UNSUPPORTED", 405
+
+
+class TooManyRequests(MirrorError):
+    code, status = "TOOMANYREQUESTS", 429
+
+    def __init__(self, message: str, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(MirrorError):
+    code, status = "UNAVAILABLE", 503
+
+
+class IntegrityError(MirrorError):
+    """Upstream bytes that do not match their digest or size: nothing is published, and it
+    is never retried as if it were a network fault."""
+
+    code, status = "UNAVAILABLE", 502
+
+
+class ConfigError(Exception):
+    """A bad configuration key or value; the message starts with the key path."""

@@ -1,0 +1,212 @@
+"""Work in flight: one upstream fetch per key, shared by every request that wants it.
+
+A download belongs to the mirror, not to a request: it runs as a tracked background task, and
+requests only wait on it (through `asyncio.shield`), so a client that goes away stops only its
+own reading. A blob `Fill` writes into the store's temp file; readers tail that file with
+`pread` as it grows, so each client's first byte comes long before the download ends. Readers
+are never given the last byte until the store has verified size and digest: if verification
+fails, every client's connection ends one byte short and no client accepts bad content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
+
+from mirror.errors import Unavailable
+from mirror.oci import Digest
+from mirror.storage import BlobStore, BlobWriter
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+READ_CHUNK = 1 << 20
+
+
+class Background:
+    """Owns the mirror's background tasks so they can be awaited or cancelled at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, V], name: str) -> asyncio.Task[V]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("background task %s failed: %r", task.get_name(), task.exception())
+
+    async def join(self) -> None:
+        """Wait until nothing is in flight (including work started while waiting)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.join()
+
+
+class Coalescer(Generic[K, V]):
+    """Single-flight for small results (manifests): concurrent callers with the same key share
+    one call."""
+
+    def __init__(self, background: Background) -> None:
+        self._background = background
+        self._inflight: dict[K, asyncio.Task[V]] = {}
+
+    def waiting(self, key: K) -> bool:
+        return key in self._inflight
+
+    async def run(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        task = self._inflight.get(key)
+        if task is None:
+            task = self._background.spawn(call(), name=f"fetch {key}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+
+class Fill:
+    """One blob on its way from the upstream into the store."""
+
+    def __init__(self, digest: Digest, store: BlobStore) -> None:
+        self.digest = digest
+        self._store = store
+        self._writer: BlobWriter | None = None
+        self._read_fd = -1
+        self._readers = 0
+        loop = asyncio.get_running_loop()
+        self._started: asyncio.Future[int | None] = loop.create_future()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._progress = asyncio.Event()
+        self.waiters = 0
+
+    # The producer side, driven by the download.
+
+    @property
+    def begun(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def written(self) -> int:
+        return self._writer.written if self._writer else 0
+
+    @property
+    def size(self) -> int | None:
+        return self._writer.expected_size if self._writer else None
+
+    def begin(self, size: int | None) -> None:
+        """The upstream has answered: readers may now send headers and start tailing."""
+        self._writer = self._store.writer(self.digest, size)
+        self._read_fd = self._writer.open_reader()
+        self._started.set_result(size)
+
+    async def write(self, data: bytes | bytearray) -> None:
+        assert self._writer is not None
+        await self._writer.write(data)
+        self._notify()
+
+    async def commit(self) -> None:
+        assert self._writer is not None
+        await self._writer.commit()
+        self._done.set_result(None)
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        for future in (self._started, self._done):
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # marked retrieved: readers may all be gone
+        self._notify()
+
+    def close(self) -> None:
+        if not self._done.done():
+            self.fail(Unavailable(f"download of {self.digest} ended without publishing"))
+        if self._writer is not None:
+            self._writer.discard()
+        self._release_fd()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    def _release_fd(self) -> None:
+        if self._readers == 0 and self._done.done() and self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+    # The reader side, one per client request.
+
+    async def started(self) -> int | None:
+        """The blob's size once the upstream has answered (None if it did not say); raises the
+        upstream's error if it refused."""
+        return await asyncio.shield(self._started)
+
+    async def read(self, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) as they land; end=None means to the end of the blob."""
+        await self.started()
+        self._readers += 1
+        try:
+            position = start
+            while end is None or position < end:
+                verified = self._done.done() and self._done.exception() is None
+                if self._done.done() and not verified:
+                    raise self._done.exception() or Unavailable("download failed")
+                available = self.written if verified else self.written - 1
+                if end is not None:
+                    available = min(available, end)
+                if position < available:
+                    count = min(available - position, READ_CHUNK)
+                    data = await asyncio.to_thread(os.pread, self._read_fd, count, position)
+                    if not data:
+                        raise Unavailable(f"cache file for {self.digest} shrank while being read")
+                    position += len(data)
+                    yield data
+                elif verified:
+                    return
+                else:
+                    await self._progress.wait()
+        finally:
+            self._readers -= 1
+            self._release_fd()
+
+
+class Fills:
+    """The blob downloads in flight, by digest: at most one per digest."""
+
+    def __init__(self, store: BlobStore, background: Background) -> None:
+        self._store = store
+        self._background = background
+        self._fills: dict[Digest, Fill] = {}
+
+    def active(self, digest: Digest) -> Fill | None:
+        return self._fills.get(digest)
+
+    def start(self, digest: Digest, download: Callable[[Fill], Awaitable[None]]) -> Fill:
+        fill = Fill(digest, self._store)
+        self._fills[digest] = fill
+        self._background.spawn(self._run(fill, download), name=f"fill {digest}")
+        return fill
+
+    async def _run(self, fill: Fill, download: Callable[[Fill], Awaitable[None]]) -> None:
+        try:
+            await download(fill)
+        except asyncio.CancelledError:
+            fill.fail(Unavailable("the mirror is shutting down"))
+            raise
+        except Exception as exc:
+            log.warning("download of %s failed: %s", fill.digest, exc)
+            fill.fail(exc)
+        finally:
+            del self._fills[fill.digest]
+            fill.close()

@@ -1,0 +1,171 @@
+"""The `/v2/` HTTP surface: parse the request, ask the proxy, write the response.
+
+Errors are rendered here and nowhere else: the middleware turns every `MirrorError` (and
+aiohttp's own HTTP errors) into OCI error JSON before the first byte. Once a blob response has
+started, a failure can only cut the connection, which is exactly what keeps a client from
+accepting a short or unverified blob.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from aiohttp import web
+
+from mirror.errors import MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
+from mirror.proxy import CachedBlob, CacheResult, Proxy
+from mirror.routing import Endpoint, Route, Router
+
+log = logging.getLogger(__name__)
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+CACHE_HEADER = "X-Mirror-Cache"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def error_response(error: MirrorError) -> web.Response:
+    headers = dict(API_VERSION)
+    if isinstance(error, TooManyRequests) and error.retry_after:
+        headers["Retry-After"] = error.retry_after
+    if isinstance(error, RangeInvalid):
+        headers["Content-Range"] = f"bytes */{error.size}"
+    return web.json_response(error.to_json(), status=error.status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except MirrorError as error:
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(NotFound(exc.reason) if exc.status == 404 else Unsupported(exc.reason))
+        response.set_status(exc.status)
+        return response
+
+
+class RegistryHandlers:
+    """The proxy is looked up per request under `PROXY`: it is built at start-up, after the
+    routes are frozen."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v2/", self.base, allow_head=True)
+        app.router.add_get("/v2", self.base, allow_head=True)
+        app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
+
+    async def base(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers=API_VERSION)
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        # The raw path, decoded once: `%2e%2e` becomes `..` and then fails the name grammar.
+        path = unquote(request.raw_path.split("?", 1)[0])[len("/v2/"):]
+        route = self._router.resolve(path, request.query.get("ns"))
+        if request.method not in ("GET", "HEAD") or route.endpoint is Endpoint.UPLOAD:
+            raise Unsupported(f"{request.method} is not supported: this is a read-only pull-through mirror")
+        if route.endpoint is Endpoint.MANIFEST:
+            return await self.manifest(request, route)
+        if route.endpoint is Endpoint.BLOB:
+            return await self.blob(request, route)
+        return await self.tags(request, route)
+
+    async def manifest(self, request: web.Request, route: Route) -> web.Response:
+        # Go clients (skopeo, containerd, Docker) send one Accept header line per media type.
+        accept = ", ".join(request.headers.getall("Accept", [])) or None
+        result = await request.app[PROXY].manifest(route, accept)
+        headers = {
+            **API_VERSION,
+            "Docker-Content-Digest": str(result.digest),
+            "Content-Type": result.media_type,
+            "Etag": f'"{result.digest}"',
+            CACHE_HEADER: result.cache.value,
+        }
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(result.body))
+            return web.Response(headers=headers)
+        return web.Response(body=result.body, headers=headers)
+
+    async def blob(self, request: web.Request, route: Route) -> web.StreamResponse:
+        assert route.reference is not None and route.reference.digest is not None
+        headers = {**API_VERSION, "Docker-Content-Digest": str(route.reference.digest),
+                   "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        if request.method == "HEAD":
+            head = await request.app[PROXY].blob_head(route)
+            if head.size is not None:
+                headers["Content-Length"] = str(head.size)
+            return web.Response(headers={**headers, CACHE_HEADER: head.cache.value})
+
+        blob = await request.app[PROXY].blob(route)
+        if isinstance(blob, CachedBlob):
+            # sendfile, with Range (206/416) handled by aiohttp.
+            return web.FileResponse(blob.path, headers={**headers, CACHE_HEADER: CacheResult.HIT.value})
+
+        size = await blob.fill.started()
+        start, end = 0, size
+        status = 200
+        if "Range" in request.headers and size is not None:
+            start, end = self._range(request, size)
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        response = web.StreamResponse(status=status, headers={**headers, CACHE_HEADER: blob.cache.value})
+        if end is not None:
+            response.content_length = end - start
+        await response.prepare(request)
+        try:
+            async with aclosing(blob.fill.read(start, end)) as chunks:
+                async for chunk in chunks:
+                    await response.write(chunk)
+        except ConnectionResetError:
+            return response
+        except MirrorError as error:
+            # Headers are out: the only honest signal left is a cut connection.
+            log.warning("aborting %s: %s", request.path, error.message)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _range(request: web.Request, size: int) -> tuple[int, int]:
+        try:
+            window = request.http_range
+        except ValueError:
+            return 0, size
+        start, stop = window.start, window.stop
+        if start is None and stop is None:
+            return 0, size
+        if start is not None and start < 0:
+            start, stop = max(size + start, 0), size
+        start = start or 0
+        stop = size if stop is None else min(stop, size)
+        if start >= size or start >= stop:
+            raise RangeInvalid(f"range {request.headers['Range']!r} is outside a blob of {size} bytes", size)
+        return start, stop
+
+    async def tags(self, request: web.Request, route: Route) -> web.Response:
+        query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+        body, link = await request.app[PROXY].tags(route, query)
+        headers = {**API_VERSION}
+        if link:
+            headers["Link"] = _rewrite_link(link, request)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _rewrite_link(link: str, request: web.Request) -> str:
+    """Point the upstream's next-page link at this mirror's own path for the same listing."""
+    target = link.split(";", 1)[0].strip().strip("<>")
+    query = dict(parse_qsl(urlsplit(target).query))
+    page = {k: v for k, v in query.items() if k in ("n", "last")}
+    if "ns" in request.query:
+        page["ns"] = request.query["ns"]
+    return f'<{request.path}?{urlencode(page)}>; rel="next"'

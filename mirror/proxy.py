@@ -1,0 +1,256 @@
+"""The pull-through policy: what is served from the cache, what is fetched, what is revalidated,
+and what is served stale because the upstream failed.
+
+- A digest is immutable: once cached it is served without asking the upstream.
+- A tag younger than its upstream's TTL is served from the cache; an older one is revalidated
+  with a HEAD and fetched again only if its digest moved. If the upstream is down, errors or
+  rate-limits, the cached tag is served stale.
+- Cached content is served for a repository only if that repository is known to reference it,
+  or the upstream confirms it with a HEAD in that repository's scope (design invariant 5).
+- A miss on a blob starts (or joins) one `Fill` per digest; a miss on a manifest is one
+  coalesced fetch per (upstream, repository, reference, Accept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+
+import aiohttp
+
+from mirror.errors import IntegrityError, ManifestUnknown, TooManyRequests, Unavailable
+from mirror.flight import Background, Coalescer, Fill, Fills
+from mirror.index import Index, TagRecord
+from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, manifest_media_type, manifest_references
+from mirror.routing import Route
+from mirror.storage import BlobStore
+from mirror.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
+WRITE_CHUNK = 1 << 20
+# Resume attempts in a row that bring no new bytes before a download is given up.
+MAX_RESUME_ATTEMPTS = 5
+RESUME_BACKOFF = 0.5
+
+
+class CacheResult(Enum):
+    HIT = "HIT"
+    MISS = "MISS"
+    JOINED = "JOINED"
+    """A miss that joined a download already in flight."""
+    REVALIDATED = "REVALIDATED"
+    STALE = "STALE"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    body: bytes
+    media_type: str
+    digest: Digest
+    cache: CacheResult
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    path: Path
+    size: int
+    digest: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class StreamingBlob:
+    fill: Fill
+    cache: CacheResult
+
+
+@dataclass(frozen=True, slots=True)
+class BlobHead:
+    size: int | None
+    cache: CacheResult
+
+
+class Proxy:
+    def __init__(self, store: BlobStore, index: Index, upstreams: Mapping[str, Upstream],
+                 background: Background, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._index = index
+        self._upstreams = upstreams
+        self._clock = clock
+        self.fills = Fills(store, background)
+        self._fetches: Coalescer[tuple[str, ...], ManifestResult] = Coalescer(background)
+
+    # Manifests
+
+    async def manifest(self, route: Route, accept: str | None) -> ManifestResult:
+        upstream = self._upstreams[route.upstream.name]
+        reference = route.reference
+        assert reference is not None
+        complete_accept = all(accepts(accept, t) for t in MANIFEST_MEDIA_TYPES)
+        upstream_accept = ACCEPT_ALL if complete_accept else (accept or ACCEPT_ALL)
+
+        if reference.digest is not None:
+            cached = await self._cached_manifest(reference.digest)
+            if cached is not None and accepts(accept, cached.media_type):
+                await self._ensure_visible(upstream, route.name, reference.digest, "manifest")
+                return cached
+            return await self._fetch_manifest(upstream, route.name, reference, upstream_accept, tag_it=False)
+
+        assert reference.tag is not None
+        record = await self._index.tag(upstream.name, route.name, reference.tag)
+        cached = await self._cached_manifest(record.digest) if record else None
+        if record is None or cached is None or not accepts(accept, cached.media_type):
+            return await self._fetch_manifest(upstream, route.name, reference, upstream_accept,
+                                              tag_it=complete_accept)
+        if self._clock() - record.checked_at < route.upstream.tag_ttl:
+            return cached
+        try:
+            return await self._fetches.run(
+                ("revalidate", upstream.name, route.name, reference.tag),
+                lambda: self._revalidate(upstream, route.name, reference, cached))
+        except (Unavailable, TooManyRequests) as exc:
+            log.warning("serving %s/%s:%s stale: %s", upstream.name, route.name, reference.tag, exc.message)
+            return replace(cached, cache=CacheResult.STALE)
+
+    async def _revalidate(self, upstream: Upstream, name: str, reference: Reference,
+                          cached: ManifestResult) -> ManifestResult:
+        assert reference.tag is not None
+        try:
+            head = await upstream.head("manifest", name, reference.tag, ACCEPT_ALL)
+        except ManifestUnknown:
+            await self._index.drop_tag(upstream.name, name, reference.tag)
+            raise
+        if head.digest == cached.digest:
+            await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(cached.digest, self._clock()))
+            return replace(cached, cache=CacheResult.REVALIDATED)
+        return await self._fetch_manifest(upstream, name, reference, ACCEPT_ALL, tag_it=True)
+
+    async def _cached_manifest(self, digest: Digest) -> ManifestResult | None:
+        media_type = await self._index.manifest_type(digest)
+        if media_type is None:
+            return None
+        body = await self._store.read(digest)
+        if body is None:
+            return None
+        return ManifestResult(body, media_type, digest, CacheResult.HIT)
+
+    async def _fetch_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
+                              tag_it: bool) -> ManifestResult:
+        key = ("manifest", upstream.name, name, str(reference), accept)
+        return await self._fetches.run(key, lambda: self._download_manifest(upstream, name, reference, accept, tag_it))
+
+    async def _download_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
+                                 tag_it: bool) -> ManifestResult:
+        fetched = await upstream.get_manifest(name, str(reference), accept)
+        digest = Digest.of(fetched.body)
+        for claimed in (reference.digest, fetched.digest):
+            if claimed is not None and claimed != digest:
+                raise IntegrityError(f"upstream {upstream.name} sent a manifest for {claimed} whose digest is {digest}")
+        media_type = manifest_media_type(fetched.body, fetched.media_type)
+        await self._store.put(digest, fetched.body)
+        await self._index.add_manifest(upstream.name, name, digest, media_type, manifest_references(fetched.body))
+        if tag_it and reference.tag is not None:
+            await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
+        return ManifestResult(fetched.body, media_type, digest, CacheResult.MISS)
+
+    # Blobs
+
+    async def blob(self, route: Route) -> CachedBlob | StreamingBlob:
+        upstream = self._upstreams[route.upstream.name]
+        digest = _digest_of(route)
+        if self._store.size(digest) is not None or self.fills.active(digest) is not None:
+            await self._ensure_visible(upstream, route.name, digest, "blob")
+            # Checked again: the fill may have finished, or failed, while we asked.
+            size = self._store.size(digest)
+            if size is not None:
+                return CachedBlob(self._store.path(digest), size, digest)
+            if (fill := self.fills.active(digest)) is not None:
+                fill.waiters += 1
+                return StreamingBlob(fill, CacheResult.JOINED)
+        fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
+        return StreamingBlob(fill, CacheResult.MISS)
+
+    async def blob_head(self, route: Route) -> BlobHead:
+        upstream = self._upstreams[route.upstream.name]
+        digest = _digest_of(route)
+        size = self._store.size(digest)
+        if size is not None:
+            await self._ensure_visible(upstream, route.name, digest, "blob")
+            return BlobHead(size, CacheResult.HIT)
+        head = await upstream.head("blob", route.name, str(digest))
+        return BlobHead(head.size, CacheResult.MISS)
+
+    async def _download_blob(self, upstream: Upstream, name: str, fill: Fill) -> None:
+        """Stream the blob into the fill, resuming with a Range request when the upstream
+        connection drops after the first byte."""
+        failures = 0
+        while True:
+            before = fill.written
+            try:
+                async with upstream.open_blob(name, fill.digest, offset=fill.written) as response:
+                    if not fill.begun:
+                        fill.begin(response.content_length)
+                        await self._index.link(upstream.name, name, fill.digest)
+                    skip = _bytes_to_skip(response, fill)
+                    buffer = bytearray()
+                    async for chunk in response.content.iter_any():
+                        if skip:
+                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                        buffer += chunk
+                        if len(buffer) >= WRITE_CHUNK:
+                            await fill.write(buffer)
+                            buffer = bytearray()
+                    if buffer:
+                        await fill.write(buffer)
+                if fill.size is None or fill.written == fill.size:
+                    break
+                raise Unavailable(f"upstream {upstream.name} ended {fill.digest} after {fill.written} bytes")
+            except (TimeoutError, aiohttp.ClientError, Unavailable) as exc:
+                if not fill.begun:
+                    raise
+                failures = 0 if fill.written > before else failures + 1
+                if failures >= MAX_RESUME_ATTEMPTS:
+                    raise Unavailable(f"upstream {upstream.name} keeps failing on {fill.digest}") from exc
+                log.info("resuming %s at byte %d after: %r", fill.digest, fill.written, exc)
+                await asyncio.sleep(RESUME_BACKOFF * failures)
+        await fill.commit()
+
+    async def _ensure_visible(self, upstream: Upstream, name: str, digest: Digest, kind: str) -> None:
+        """Raise unless `name` may see `digest`: known from its manifests, or confirmed by the
+        upstream in that repository's own scope."""
+        if await self._index.is_linked(upstream.name, name, digest):
+            return
+        await upstream.head(kind, name, str(digest), ACCEPT_ALL if kind == "manifest" else None)
+        await self._index.link(upstream.name, name, digest)
+
+    # Tags
+
+    async def tags(self, route: Route, query: Mapping[str, str]) -> tuple[bytes, str | None]:
+        return await self._upstreams[route.upstream.name].get_tags(route.name, query)
+
+
+def _digest_of(route: Route) -> Digest:
+    assert route.reference is not None and route.reference.digest is not None
+    return route.reference.digest
+
+
+def _bytes_to_skip(response: aiohttp.ClientResponse, fill: Fill) -> int:
+    """How much of a resumed response repeats what is already written: none if the upstream
+    honoured the Range, all of it if it sent the whole blob again."""
+    if fill.written == 0:
+        return 0
+    if response.status == 206:
+        content_range = response.headers.get("Content-Range", "")
+        start = content_range.removeprefix("bytes ").split("-", 1)[0]
+        if start != str(fill.written):
+            raise Unavailable(f"upstream answered a resume with the wrong range {content_range!r}")
+        return 0
+    if fill.size is not None and response.content_length not in (None, fill.size):
+        raise IntegrityError(f"upstream changed the size of {fill.digest} between two requests")
+    return fill.written

@@ -1,0 +1,245 @@
+"""Client for one upstream registry: authentication, requests, and upstream errors mapped to
+domain errors. It knows nothing of the cache.
+
+Authentication follows the registry token protocol: a request goes out with whatever
+credential is cached for its scope; a 401 names the scheme. For `Bearer`, a token is fetched
+from the advertised realm (with the upstream's credentials, or anonymously), cached per scope
+until it expires, and the request is retried once. For `Basic`, the configured credentials are
+sent from then on. Credentials go only to the upstream and its token realm; blob redirects to a
+CDN carry no Authorization (aiohttp strips it on cross-origin redirects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from mirror.config import UpstreamConfig
+from mirror.errors import (
+    BlobUnknown,
+    Denied,
+    ManifestInvalid,
+    ManifestUnknown,
+    MirrorError,
+    NameUnknown,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
+from mirror.oci import MANIFEST_MAX_BYTES, Digest
+
+log = logging.getLogger(__name__)
+
+_CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+# A token is refreshed this long before the upstream says it expires.
+_TOKEN_MARGIN = 10.0
+_UNKNOWN_BY_KIND: Mapping[str, type[MirrorError]] = {
+    "manifest": ManifestUnknown, "blob": BlobUnknown, "tags": NameUnknown,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str
+    params: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, header: str) -> Challenge | None:
+        scheme, _, rest = header.strip().partition(" ")
+        if not scheme:
+            return None
+        params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+                  for m in _CHALLENGE_PARAM_RE.finditer(rest)}
+        return cls(scheme.lower(), params)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    body: bytes
+    media_type: str | None
+    digest: Digest | None
+    """What the upstream says in Docker-Content-Digest, if it says it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    digest: Digest | None
+    media_type: str | None
+    size: int | None
+
+
+def scope_for(name: str) -> str:
+    return f"repository:{name}:pull"
+
+
+class Upstream:
+    """One upstream registry, over an aiohttp session the app owns."""
+
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self.name = config.name
+        self._session = session
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._basic = False
+
+    def _auth_header(self, scope: str) -> dict[str, str]:
+        token = self._tokens.get(scope)
+        if token and token[1] > time.monotonic():
+            return {"Authorization": f"Bearer {token[0]}"}
+        if self._basic and self.config.username is not None:
+            return {"Authorization": aiohttp.BasicAuth(self.config.username, self.config.password or "").encode()}
+        return {}
+
+    @asynccontextmanager
+    async def request(self, method: str, path: str, *, scope: str, kind: str,
+                      headers: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response with a 2xx status; every other outcome is raised as a domain error."""
+        url = f"{self.config.url}{path}"
+        for attempt in (1, 2):
+            sent = {**(headers or {}), **self._auth_header(scope)}
+            try:
+                response = await self._session.request(method, url, headers=sent)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
+            try:
+                if response.status == 401 and attempt == 1 and await self._authenticate(response, scope):
+                    continue
+                if response.status >= 300:
+                    raise await self._error(response, kind)
+                yield response
+                return
+            finally:
+                response.release()
+
+    async def _authenticate(self, response: aiohttp.ClientResponse, scope: str) -> bool:
+        """Answer a 401 challenge; True if the request is worth retrying."""
+        challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
+        if challenge is None:
+            return False
+        if challenge.scheme == "basic":
+            if self.config.username is None or self._basic:
+                return False
+            self._basic = True
+            return True
+        if challenge.scheme == "bearer" and "realm" in challenge.params:
+            await self._fetch_token(challenge, scope)
+            return True
+        return False
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> None:
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(scope)
+            if cached and cached[1] > time.monotonic():
+                return
+            params = {"scope": challenge.params.get("scope", scope)}
+            if "service" in challenge.params:
+                params["service"] = challenge.params["service"]
+            auth = None
+            if self.config.username is not None:
+                auth = aiohttp.BasicAuth(self.config.username, self.config.password or "")
+            try:
+                async with self._session.get(challenge.params["realm"], params=params, auth=auth) as response:
+                    if response.status in (401, 403):
+                        raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
+                    if response.status == 429:
+                        raise TooManyRequests(f"upstream {self.name} token service is rate-limiting",
+                                              response.headers.get("Retry-After"))
+                    if response.status != 200:
+                        raise Unavailable(f"upstream {self.name} token service answered {response.status}")
+                    body = await response.json(content_type=None)
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                raise Unavailable(f"upstream {self.name} token service failed: {type(exc).__name__}") from exc
+            token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+            if not isinstance(token, str):
+                raise Unavailable(f"upstream {self.name} token service sent no token")
+            expires_in = body.get("expires_in", 60)
+            lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
+            self._tokens[scope] = (token, time.monotonic() + max(lifetime - _TOKEN_MARGIN, 1.0))
+
+    async def _error(self, response: aiohttp.ClientResponse, kind: str) -> MirrorError:
+        status = response.status
+        what = f"upstream {self.name} answered {status} for {response.url.path}"
+        if status == 401:
+            return Unauthorized(f"upstream {self.name} requires credentials the mirror does not have")
+        if status == 403:
+            return Denied(f"upstream {self.name} denied access")
+        if status == 404:
+            codes = await _error_codes(response)
+            cls = NameUnknown if "NAME_UNKNOWN" in codes else _UNKNOWN_BY_KIND[kind]
+            return cls(what)
+        if status == 429:
+            return TooManyRequests(f"upstream {self.name} is rate-limiting the mirror",
+                                   response.headers.get("Retry-After"))
+        return Unavailable(what)
+
+    async def get_manifest(self, name: str, reference: str, accept: str) -> Manifest:
+        async with self.request("GET", f"/v2/{name}/manifests/{reference}", scope=scope_for(name),
+                                kind="manifest", headers={"Accept": accept}) as response:
+            body = await self._read_limited(response, "manifest")
+            return Manifest(body, response.headers.get("Content-Type"), _digest_header(response))
+
+    async def head(self, kind: str, name: str, reference: str, accept: str | None = None) -> Head:
+        path = f"/v2/{name}/{'manifests' if kind == 'manifest' else 'blobs'}/{reference}"
+        async with self.request("HEAD", path, scope=scope_for(name), kind=kind,
+                                headers={"Accept": accept} if accept else None) as response:
+            return Head(_digest_header(response), response.headers.get("Content-Type"), response.content_length)
+
+    @asynccontextmanager
+    async def open_blob(self, name: str, digest: Digest, offset: int = 0) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A blob response; asks for a Range from `offset` on. The caller checks whether the
+        upstream honoured it (206) or sent the whole blob again (200)."""
+        headers = {"Range": f"bytes={offset}-"} if offset else None
+        async with self.request("GET", f"/v2/{name}/blobs/{digest}", scope=scope_for(name), kind="blob",
+                                headers=headers) as response:
+            yield response
+
+    async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
+        """The tag list body as the upstream sent it, and its Link header."""
+        query_string = "&".join(f"{k}={v}" for k, v in query.items())
+        path = f"/v2/{name}/tags/list" + (f"?{query_string}" if query_string else "")
+        async with self.request("GET", path, scope=scope_for(name), kind="tags") as response:
+            body = await self._read_limited(response, "tag list")
+            return body, response.headers.get("Link")
+
+
+    async def _read_limited(self, response: aiohttp.ClientResponse, what: str) -> bytes:
+        """A small response body in full, refusing anything over the spec's manifest limit."""
+        too_big = ManifestInvalid(f"upstream {what} is larger than {MANIFEST_MAX_BYTES} bytes")
+        if (response.content_length or 0) > MANIFEST_MAX_BYTES:
+            raise too_big
+        body = bytearray()
+        try:
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > MANIFEST_MAX_BYTES:
+                    raise too_big
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise Unavailable(f"upstream {self.name} failed mid-{what}: {type(exc).__name__}") from exc
+        return bytes(body)
+
+
+def _digest_header(response: aiohttp.ClientResponse) -> Digest | None:
+    value = response.headers.get("Docker-Content-Digest")
+    if not value:
+        return None
+    try:
+        return Digest.parse(value)
+    except MirrorError:
+        return None
+
+
+async def _error_codes(response: aiohttp.ClientResponse) -> set[str]:
+    try:
+        body = await response.json(content_type=None)
+        return {str(e.get("code")) for e in body.get("errors", []) if isinstance(e, dict)}
+    except (ValueError, aiohttp.ClientError, AttributeError):
+        return set()
