@@ -63,8 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mirror: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("mirror")
     for upstream in config.upstreams:
-        logging.getLogger("mirror").info("upstream %s -> %s%s", upstream.name, upstream.url,
-                                         " (default)" if upstream.name == config.default_upstream else "")
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None)
+        log.info("upstream %s -> %s%s", upstream.name, upstream.url,
+                 " (default)" if upstream.name == config.default_upstream else "")
+    # Said once the socket is bound and start-up (cache sweep, index) is done: scripts wait for it.
+    web.run_app(create_app(config), host=config.host, port=config.port,
+                print=lambda _: log.info("listening on http://%s:%d", config.host, config.port))
     return 0

@@ -1,0 +1,164 @@
+"""Shared fixtures: the real upstream registry, a request-counting window onto it, and mirrors
+built in-process against loopback upstreams only (never the built-in Docker Hub default)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from mirror.app import SERVICES, Services, create_app
+from mirror.config import Config, UpstreamConfig
+from tests.support.fake_upstream import FakeUpstream, start_fake
+from tests.support.images import PushedImage, populate
+from tests.support.registry import LocalRegistry, find_registry_binary
+
+# Debian packages that provide the programs the tests drive.
+PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo"}
+
+
+def require_binary(name: str) -> str:
+    """The path of a program the tests need, installed from Debian if we are root. Missing: a
+    skip locally, a failure in CI (where every binary must be present)."""
+    found = find_registry_binary() if name == "docker-registry" else shutil.which(name)
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", PACKAGES[name]], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        found = find_registry_binary() if name == "docker-registry" else shutil.which(name)
+    if found is None:
+        message = f"{name} is not installed and could not be installed (apt package {PACKAGES[name]})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@dataclass
+class Registry:
+    """The real upstream: CNCF distribution with the standard test images pushed into it."""
+
+    url: str
+    host: str
+    images: dict[str, PushedImage]
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    binary = require_binary("docker-registry")
+    with LocalRegistry(tmp_path_factory.mktemp("registry"), binary=binary) as local:
+        yield Registry(local.url, local.host, populate(local.url))
+
+
+@pytest.fixture(scope="session")
+def skopeo() -> str:
+    return require_binary("skopeo")
+
+
+@dataclass
+class Counting:
+    """A transparent pass-through in front of an upstream that counts what the mirror asks."""
+
+    url: str
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def count(self, method: str | None = None, kind: str | None = None) -> int:
+        """Requests by method and by path kind ('manifests', 'blobs', 'tags')."""
+        return sum(n for (m, path), n in self.requests.items()
+                   if (method is None or m == method) and (kind is None or f"/{kind}/" in path))
+
+    def reset(self) -> None:
+        self.requests.clear()
+
+
+@pytest.fixture
+async def counting(registry: Registry) -> AsyncIterator[Counting]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        state = Counting("")
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            state.requests[(request.method, request.path)] += 1
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+            async with session.request(request.method, f"{registry.url}{request.rel_url}", headers=headers,
+                                       allow_redirects=False) as upstream:
+                body = await upstream.read()
+                drop = {"transfer-encoding", "content-encoding"}
+                if request.method != "HEAD":
+                    drop.add("content-length")
+                return web.Response(status=upstream.status, body=None if request.method == "HEAD" else body,
+                                    headers={k: v for k, v in upstream.headers.items() if k.lower() not in drop})
+
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", forward)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        state.url = str(server.make_url("")).rstrip("/")
+        yield state
+        await server.close()
+
+
+@dataclass
+class Mirror:
+    server: TestServer
+    services: Services
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+MirrorFactory = Callable[..., Awaitable[Mirror]]
+
+
+@pytest.fixture
+async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
+    """Builds mirrors: `await make_mirror({"docker.io": url, ...}, tag_ttl=...)`. The first
+    upstream named is the default."""
+    servers: list[TestServer] = []
+
+    async def make(upstreams: dict[str, str], *, tag_ttl: float = 300.0, cache_dir: Path | None = None,
+                   clock: Callable[[], float] | None = None, **upstream_options: object) -> Mirror:
+        config = Config(
+            host="127.0.0.1", port=0, cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
+            default_upstream=next(iter(upstreams)),
+            upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
+                                           **upstream_options)  # type: ignore[arg-type]
+                            for name, url in upstreams.items()),
+        )
+        server = TestServer(create_app(config, clock=clock), host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Mirror(server, server.app[SERVICES])
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    upstream, servers = await start_fake()
+    yield upstream
+    for gate in upstream.gates.values():
+        gate[1].set()
+    for server in servers:
+        await server.close()

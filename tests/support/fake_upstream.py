@@ -1,0 +1,190 @@
+"""A scriptable in-process registry for faults a real one cannot produce on demand: the token
+flow with a counting token endpoint, a CDN on another origin that rejects Authorization, a
+wrong digest, a connection dropped mid-blob, a pause until the test says go, a 429."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiohttp import BasicAuth, web
+from aiohttp.test_utils import TestServer
+
+CHUNK = 256 * 1024
+
+
+@dataclass
+class Forced:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int = 1_000_000
+
+
+@dataclass
+class FakeUpstream:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    authorizations: list[str | None] = field(default_factory=list)
+    """The Authorization header of every registry request, in order."""
+    auth: Literal["none", "bearer", "basic"] = "none"
+    credentials: tuple[str, str] | None = None
+    token_lifetime: int = 300
+    token_requests: list[tuple[str | None, dict[str, str]]] = field(default_factory=list)
+    """(Authorization header, query) of every token request."""
+    cdn_requests: list[str | None] = field(default_factory=list)
+    """The Authorization header of every CDN request (should all be None)."""
+    redirect_blobs: bool = False
+    forced: dict[str, Forced] = field(default_factory=dict)
+    """Path (e.g. /v2/x/manifests/latest) -> a response forced in place of the real one."""
+    corrupt: set[str] = field(default_factory=set)
+    drop_after: dict[str, int] = field(default_factory=dict)
+    """digest -> cut the connection after this many bytes, on the first GET only."""
+    gates: dict[str, tuple[int, asyncio.Event]] = field(default_factory=dict)
+    """digest -> (offset, event): stop sending at offset until the event is set."""
+    ignore_range: bool = False
+    url: str = ""
+    cdn_url: str = ""
+    _tokens: set[str] = field(default_factory=set)
+
+    def add_blob(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        return digest
+
+    def add_manifest(self, name: str, tag: str, body: bytes, media_type: str) -> str:
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        self.manifests[(name, tag)] = (body, media_type)
+        self.manifests[(name, digest)] = (body, media_type)
+        return digest
+
+    def count(self, method: str | None = None, kind: str | None = None) -> int:
+        return sum(n for (m, path), n in self.requests.items()
+                   if (method is None or m == method) and (kind is None or f"/{kind}/" in path))
+
+    # The registry
+
+    def registry_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/token", self._token)
+        app.router.add_route("*", "/v2/{path:.*}", self._registry)
+        return app
+
+    def cdn_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/cdn/{digest}", self._cdn)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization")
+        self.token_requests.append((header, dict(request.query)))
+        if self.credentials is not None and header != BasicAuth(*self.credentials).encode():
+            return web.json_response({"details": "bad credentials"}, status=401)
+        token = secrets.token_hex(8)
+        self._tokens.add(token)
+        return web.json_response({"token": token, "expires_in": self.token_lifetime})
+
+    def _challenge(self, name: str) -> web.Response:
+        if self.auth == "bearer":
+            value = f'Bearer realm="{self.url}/token",service="fake",scope="repository:{name}:pull"'
+        else:
+            value = 'Basic realm="fake"'
+        return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
+                                 status=401, headers={"WWW-Authenticate": value})
+
+    def _authorized(self, header: str | None) -> bool:
+        if self.auth == "none":
+            return True
+        if header is None:
+            return False
+        if self.auth == "bearer":
+            scheme, _, token = header.partition(" ")
+            return scheme == "Bearer" and token in self._tokens
+        return self.credentials is not None and header == BasicAuth(*self.credentials).encode()
+
+    async def _registry(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self.requests[(request.method, path)] += 1
+        self.authorizations.append(request.headers.get("Authorization"))
+        if path == "/v2/":
+            return web.json_response({})
+        name, _, rest = path[len("/v2/"):].rpartition("/")
+        name, _, kind = name.rpartition("/")
+        if not self._authorized(request.headers.get("Authorization")):
+            return self._challenge(name)
+        if (forced := self.forced.get(path)) and forced.times > 0:
+            forced.times -= 1
+            return web.json_response({"errors": [{"code": "FORCED", "message": "forced"}]},
+                                     status=forced.status, headers=forced.headers)
+        if kind == "manifests":
+            found = self.manifests.get((name, rest))
+            if found is None:
+                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]}, status=404)
+            body, media_type = found
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
+            if request.method == "HEAD":
+                return web.Response(headers={**headers, "Content-Length": str(len(body))})
+            return web.Response(body=body, headers=headers)
+        if kind == "blobs":
+            if rest not in self.blobs:
+                return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]}, status=404)
+            if request.method == "HEAD":
+                return web.Response(headers={"Content-Length": str(len(self.blobs[rest])),
+                                             "Docker-Content-Digest": rest})
+            if self.redirect_blobs:
+                raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/cdn/{rest}?sig=abc")
+            return await self._send_blob(request, rest)
+        return web.json_response({"errors": [{"code": "NOT_FOUND", "message": "no"}]}, status=404)
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        self.cdn_requests.append(request.headers.get("Authorization"))
+        if "Authorization" in request.headers:
+            return web.Response(status=400, text="Only one auth mechanism allowed")
+        return await self._send_blob(request, request.match_info["digest"])
+
+    async def _send_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
+        data = self.blobs[digest]
+        if digest in self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        start = 0
+        response = web.StreamResponse(headers={"Docker-Content-Digest": digest})
+        if request.http_range.start is not None and not self.ignore_range:
+            start = request.http_range.start
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        response.content_length = len(data) - start
+        await response.prepare(request)
+        drop_at = self.drop_after.pop(digest, None)
+        gate = self.gates.get(digest)
+        position = start
+        while position < len(data):
+            if gate and position <= gate[0] < position + CHUNK:
+                await response.write(data[position:gate[0]])
+                position = gate[0]
+                await gate[1].wait()
+            end = min(position + CHUNK, len(data))
+            if drop_at is not None and position <= drop_at < end:
+                await response.write(data[position:drop_at])
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await response.write(data[position:end])
+            position = end
+        await response.write_eof()
+        return response
+
+
+async def start_fake() -> tuple[FakeUpstream, list[TestServer]]:
+    fake = FakeUpstream()
+    registry = TestServer(fake.registry_app(), host="127.0.0.1")
+    cdn = TestServer(fake.cdn_app(), host="127.0.0.1")
+    for server in (registry, cdn):
+        await server.start_server()
+    fake.url = str(registry.make_url("")).rstrip("/")
+    fake.cdn_url = str(cdn.make_url("")).rstrip("/")
+    return fake, [registry, cdn]

@@ -1,0 +1,91 @@
+"""Configuration: the example file, precedence, and errors that name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mirror.config import DOCKER_HUB_URL, Config, Overrides, load
+from mirror.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_with_every_documented_key() -> None:
+    config = load(ROOT / "config.example.yaml", environ={})
+    assert (config.host, config.port, config.default_upstream) == ("0.0.0.0", 5000, "docker.io")
+    hub, ghcr = config.upstreams
+    assert (hub.name, hub.url, hub.aliases, hub.tag_ttl, hub.library_prefix) == (
+        "docker.io", DOCKER_HUB_URL, ("hub",), 300.0, True)
+    assert (ghcr.name, ghcr.tag_ttl, ghcr.library_prefix) == ("ghcr.io", 600.0, False)
+    assert (config.timeouts.connect, config.timeouts.read) == (10.0, 60.0)
+
+
+def test_defaults_mean_docker_hub() -> None:
+    config = load(None, environ={})
+    assert config == Config()
+    assert [(u.name, u.url) for u in config.upstreams] == [("docker.io", DOCKER_HUB_URL)]
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: 127.0.0.1:6000\ncache_dir: /from/file\n")
+    env = {"MIRROR_LISTEN": "127.0.0.1:7000", "MIRROR_CACHE_DIR": "/from/env"}
+    config = load(path, environ=env)
+    assert (config.port, str(config.cache_dir)) == (7000, "/from/env")
+    config = load(path, environ=env, overrides=Overrides(listen="[::1]:8000"))
+    assert (config.host, config.port, str(config.cache_dir)) == ("::1", 8000, "/from/env")
+
+
+def test_upstream_flags_replace_by_name_or_add() -> None:
+    config = load(None, environ={"MIRROR_UPSTREAMS": "quay.io=http://127.0.0.1:5003"},
+                  overrides=Overrides(upstreams=("docker.io=http://127.0.0.1:5001", "http://127.0.0.1:5002")))
+    assert [(u.name, u.url, u.library_prefix) for u in config.upstreams] == [
+        ("docker.io", "http://127.0.0.1:5001", True),
+        ("quay.io", "http://127.0.0.1:5003", False),
+        ("127.0.0.1:5002", "http://127.0.0.1:5002", False),
+    ]
+
+
+def test_credentials_from_inline_file_and_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("from-file\n")
+    path = write(tmp_path, f"""
+upstreams:
+  - {{name: a.example, url: "http://127.0.0.1:1", credentials: {{username: u, password: inline}}}}
+  - {{name: b.example, url: "http://127.0.0.1:2", credentials: {{username: u, password_file: {secret}}}}}
+  - {{name: c.example, url: "http://127.0.0.1:3", credentials: {{username: u, password_env: TOKEN}}}}
+default_upstream: a.example
+""")
+    config = load(path, environ={"TOKEN": "from-env"})
+    assert [u.password for u in config.upstreams] == ["inline", "from-file", "from-env"]
+    assert "inline" not in repr(config), "passwords stay out of reprs and so out of logs"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("listen: nonsense", "listen: expected HOST:PORT"),
+    ("lisen: 1.2.3.4:5", "lisen: unknown key"),
+    ("upstreams:\n  - {name: docker.io, url: ftp://x}", "upstreams[0].url: expected [NAME=]URL"),
+    ("upstreams:\n  - {name: docker.io, url: 'http://x', tag_ttl: soon}", "upstreams[0].tag_ttl: expected a duration"),
+    ("upstreams:\n  - {name: docker.io, url: 'http://x', colour: red}", "upstreams[0].colour: unknown key"),
+    ("upstreams:\n  - {name: docker.io, url: 'http://x', aliases: [a.b]}", "upstreams[0].aliases[0]"),
+    ("upstreams:\n  - {name: docker.io, url: 'http://x', credentials: {username: u}}",
+     "upstreams[0].credentials: give both"),
+    ("upstreams:\n  - {name: docker.io, url: 'http://x', credentials: {username: u, password_env: NOPE}}",
+     "upstreams[0].credentials.password_env: environment variable NOPE is not set"),
+    ("upstreams:\n  - {name: Docker.IO, url: 'http://x'}", "upstreams[0].name"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x'}\n  - {name: a.io, url: 'http://y'}", "upstreams[1]: 'a.io'"),
+    ("default_upstream: ghcr.io", "default_upstream: 'ghcr.io' is not a configured upstream"),
+    ("upstream_timeouts: {read: -1}", "upstream_timeouts.read: must not be negative"),
+    ("- a list", "config: expected a mapping"),
+])
+def test_bad_config_names_the_key_path(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), environ={})
+    assert str(caught.value).startswith(message)

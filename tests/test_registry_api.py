@@ -1,0 +1,268 @@
+"""The pull API against a real upstream (CNCF distribution), watched through a counting
+pass-through so every test can say exactly what reached the upstream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from tests.conftest import Counting, MirrorFactory, Registry
+from tests.support.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+
+ACCEPT_ALL = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+
+
+async def get(client: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    async with client.get(url, headers=headers) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def error_code(response: aiohttp.ClientResponse) -> str:
+    body = await response.json(content_type=None)
+    return str(body["errors"][0]["code"])
+
+
+async def test_base_endpoint_announces_registry_api(make_mirror: MirrorFactory, counting: Counting,
+                                                    client: aiohttp.ClientSession) -> None:
+    mirror = await make_mirror({"docker.io": counting.url})
+    status, headers, _ = await get(client, f"{mirror.url}/v2/")
+    assert status == 200
+    assert headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert counting.count() == 0
+
+
+@pytest.mark.parametrize("label", ["single", "docker", "index", "list", "many"])
+async def test_manifest_by_tag_is_upstream_bytes_then_cached(label: str, make_mirror: MirrorFactory,
+                                                             registry: Registry, counting: Counting,
+                                                             client: aiohttp.ClientSession) -> None:
+    image = registry.images[label]
+    mirror = await make_mirror({"docker.io": counting.url})
+    url = f"{mirror.url}/v2/{image.name}/manifests/{image.tag}"
+
+    status, headers, body = await get(client, url, Accept=ACCEPT_ALL)
+    assert status == 200
+    assert body == image.manifest
+    assert headers["Docker-Content-Digest"] == image.digest
+    assert headers["Content-Type"] == image.media_type
+    assert headers["X-Mirror-Cache"] == "MISS"
+
+    counting.reset()
+    status, headers, body = await get(client, url, Accept=ACCEPT_ALL)
+    assert (status, body, headers["X-Mirror-Cache"]) == (200, image.manifest, "HIT")
+    async with client.head(url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == str(len(image.manifest))
+        assert response.headers["Docker-Content-Digest"] == image.digest
+    by_digest = f"{mirror.url}/v2/{image.name}/manifests/{image.digest}"
+    status, headers, body = await get(client, by_digest, Accept=ACCEPT_ALL)
+    assert (status, body) == (200, image.manifest)
+    assert counting.count() == 0
+
+
+async def test_bare_and_library_names_reach_the_same_image(make_mirror: MirrorFactory, registry: Registry,
+                                                           counting: Counting,
+                                                           client: aiohttp.ClientSession) -> None:
+    image = registry.images["single"]
+    mirror = await make_mirror({"docker.io": counting.url})
+    _, _, bare = await get(client, f"{mirror.url}/v2/alpine/manifests/3.19", Accept=ACCEPT_ALL)
+    _, headers, library = await get(client, f"{mirror.url}/v2/library/alpine/manifests/3.19", Accept=ACCEPT_ALL)
+    assert bare == library == image.manifest
+    assert headers["X-Mirror-Cache"] == "HIT"
+    assert counting.count("GET", "manifests") == 1
+
+
+async def test_narrow_accept_gets_what_it_accepts_and_does_not_retag(make_mirror: MirrorFactory,
+                                                                     registry: Registry, counting: Counting,
+                                                                     client: aiohttp.ClientSession) -> None:
+    """An old client that only takes Docker schema2 must not get a manifest list, and must not
+    change what the tag means for everyone else."""
+    image = registry.images["list"]
+    mirror = await make_mirror({"docker.io": counting.url})
+    url = f"{mirror.url}/v2/{image.name}/manifests/{image.tag}"
+    _, headers, body = await get(client, url, Accept=ACCEPT_ALL)
+    assert headers["Content-Type"] == DOCKER_LIST
+
+    _, headers, body = await get(client, url, Accept=DOCKER_MANIFEST)
+    assert headers["Content-Type"] == DOCKER_MANIFEST
+    assert json.loads(body)["mediaType"] == DOCKER_MANIFEST
+
+    _, headers, body = await get(client, url, Accept=ACCEPT_ALL)
+    assert (headers["Content-Type"], body) == (DOCKER_LIST, image.manifest)
+
+
+async def test_blob_miss_then_hit_with_ranges(make_mirror: MirrorFactory, registry: Registry,
+                                              counting: Counting, client: aiohttp.ClientSession) -> None:
+    image = registry.images["single"]
+    digest, data = next((d, b) for d, b in image.blobs.items() if len(b) > 300)
+    mirror = await make_mirror({"docker.io": counting.url})
+    url = f"{mirror.url}/v2/{image.name}/blobs/{digest}"
+
+    async with client.head(url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Length"] == str(len(data))
+        assert response.headers["Docker-Content-Digest"] == digest
+    assert counting.count("GET", "blobs") == 0, "HEAD of an uncached blob must not download it"
+
+    status, headers, body = await get(client, url, Range="bytes=10-109")
+    assert status == 206
+    assert body == data[10:110]
+    assert headers["Content-Range"] == f"bytes 10-109/{len(data)}"
+    await mirror.services.background.join()
+
+    status, headers, body = await get(client, url)
+    assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "HIT")
+    assert hashlib.sha256(body).hexdigest() == digest.removeprefix("sha256:")
+    status, headers, body = await get(client, url, Range="bytes=-50")
+    assert (status, body) == (206, data[-50:])
+    async with client.get(url, headers={"Range": f"bytes={len(data) + 10}-"}) as response:
+        assert response.status == 416
+    assert counting.count("GET", "blobs") == 1
+
+
+async def test_tags_list_passes_through_with_paging(make_mirror: MirrorFactory, registry: Registry,
+                                                    counting: Counting, client: aiohttp.ClientSession) -> None:
+    mirror = await make_mirror({"docker.io": counting.url})
+    status, _, body = await get(client, f"{mirror.url}/v2/alpine/tags/list")
+    assert status == 200
+    assert json.loads(body) == {"name": "library/alpine", "tags": ["3.19"]}
+
+    async with client.get(f"{mirror.url}/v2/library/multi/tags/list", params={"n": "1"}) as response:
+        assert response.status == 200
+        assert len((await response.json())["tags"]) == 1
+
+
+async def test_tag_ttl_revalidates_with_head_only(make_mirror: MirrorFactory, registry: Registry,
+                                                  counting: Counting, client: aiohttp.ClientSession) -> None:
+    image = registry.images["single"]
+    now = [1000.0]
+    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=60, clock=lambda: now[0])
+    url = f"{mirror.url}/v2/{image.name}/manifests/{image.tag}"
+    await get(client, url, Accept=ACCEPT_ALL)
+    counting.reset()
+
+    now[0] += 59
+    _, headers, _ = await get(client, url, Accept=ACCEPT_ALL)
+    assert headers["X-Mirror-Cache"] == "HIT"
+    assert counting.count() == 0, "a tag younger than its TTL is served without asking the upstream"
+
+    now[0] += 2
+    _, headers, body = await get(client, url, Accept=ACCEPT_ALL)
+    assert (headers["X-Mirror-Cache"], body) == ("REVALIDATED", image.manifest)
+    assert counting.count("HEAD", "manifests") == 1
+    assert counting.count("GET") == 0
+
+    _, headers, _ = await get(client, url, Accept=ACCEPT_ALL)
+    assert headers["X-Mirror-Cache"] == "HIT", "revalidation restarts the TTL"
+
+
+async def test_digests_are_never_revalidated(make_mirror: MirrorFactory, registry: Registry,
+                                             counting: Counting, client: aiohttp.ClientSession) -> None:
+    image = registry.images["single"]
+    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=0)
+    url = f"{mirror.url}/v2/{image.name}/manifests/{image.digest}"
+    await get(client, url, Accept=ACCEPT_ALL)
+    counting.reset()
+    for _ in range(3):
+        status, _, body = await get(client, url, Accept=ACCEPT_ALL)
+        assert (status, body) == (200, image.manifest)
+    assert counting.count() == 0
+
+
+async def test_cached_blob_is_not_served_to_a_repository_that_does_not_have_it(
+        make_mirror: MirrorFactory, registry: Registry, counting: Counting, client: aiohttp.ClientSession) -> None:
+    """Design invariant 5: global de-duplication is not a way around upstream access control."""
+    team = registry.images["team"]
+    digest = next(iter(team.blobs))
+    mirror = await make_mirror({"docker.io": counting.url})
+    status, _, _ = await get(client, f"{mirror.url}/v2/team/app/blobs/{digest}")
+    assert status == 200
+    await mirror.services.background.join()
+
+    async with client.get(f"{mirror.url}/v2/library/alpine/blobs/{digest}") as response:
+        assert response.status == 404
+        assert await error_code(response) == "BLOB_UNKNOWN"
+    async with client.get(f"{mirror.url}/v2/team/app/manifests/{team.digest}",
+                          headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 200
+    async with client.get(f"{mirror.url}/v2/library/alpine/manifests/{team.digest}",
+                          headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == 404
+        assert await error_code(response) == "MANIFEST_UNKNOWN"
+
+
+async def test_stale_tag_served_when_upstream_is_gone(make_mirror: MirrorFactory, registry: Registry,
+                                                      client: aiohttp.ClientSession) -> None:
+    image = registry.images["docker"]
+    now = [0.0]
+    mirror = await make_mirror({"docker.io": registry.url, "other.example": "http://127.0.0.1:9"},
+                               tag_ttl=10, clock=lambda: now[0])
+    url = f"{mirror.url}/v2/{image.name}/manifests/{image.tag}"
+    await get(client, url, Accept=ACCEPT_ALL)
+    digest = next(iter(image.blobs))
+    await get(client, f"{mirror.url}/v2/{image.name}/blobs/{digest}")
+    await mirror.services.background.join()
+
+    # Point the same cache at an upstream that is down.
+    down = await make_mirror({"docker.io": "http://127.0.0.1:9"}, tag_ttl=10, clock=lambda: now[0],
+                             cache_dir=mirror.services.config.cache_dir)
+    await mirror.server.close()
+    now[0] += 3600
+    status, headers, body = await get(client, f"{down.url}/v2/{image.name}/manifests/{image.tag}", Accept=ACCEPT_ALL)
+    assert (status, body, headers["X-Mirror-Cache"]) == (200, image.manifest, "STALE")
+    status, _, blob = await get(client, f"{down.url}/v2/{image.name}/blobs/{digest}")
+    assert (status, blob) == (200, image.blobs[digest])
+    async with client.get(f"{down.url}/v2/{image.name}/manifests/never-cached") as response:
+        assert response.status == 503
+        assert await error_code(response) == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(("path", "status", "code"), [
+    ("/v2/Bad_Name/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library/%2e%2e/manifests/latest", 400, "NAME_INVALID"),
+    ("/v2/library/alpine/manifests/bad!tag", 400, "TAG_INVALID"),
+    ("/v2/library/alpine/blobs/sha256:nothex", 400, "DIGEST_INVALID"),
+    ("/v2/library/alpine/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),
+    ("/v2/library/alpine/blobs/latest", 400, "DIGEST_INVALID"),
+    ("/v2/library/alpine/manifests/nope", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/nothere/tags/list", 404, "NAME_UNKNOWN"),
+    (f"/v2/library/alpine/blobs/sha256:{'0' * 64}", 404, "BLOB_UNKNOWN"),
+    ("/v2/ghcr.io/owner/repo/manifests/latest", 403, "DENIED"),
+    ("/v2/library/alpine/manifests/latest?ns=quay.io", 403, "DENIED"),
+    ("/v2/library/alpine/nonsense", 404, "NOT_FOUND"),
+])
+async def test_errors_are_oci_json(path: str, status: int, code: str, make_mirror: MirrorFactory,
+                                   counting: Counting, client: aiohttp.ClientSession) -> None:
+    mirror = await make_mirror({"docker.io": counting.url})
+    # encoded=True: send the path as written, without the client resolving `..` first.
+    async with client.get(URL(f"{mirror.url}{path}", encoded=True), headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == status
+        assert response.content_type == "application/json"
+        assert await error_code(response) == code
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
+async def test_writes_are_unsupported(method: str, make_mirror: MirrorFactory, counting: Counting,
+                                      registry: Registry, client: aiohttp.ClientSession) -> None:
+    image = registry.images["single"]
+    mirror = await make_mirror({"docker.io": counting.url})
+    for path in (f"/v2/{image.name}/manifests/{image.tag}", f"/v2/{image.name}/blobs/uploads/",
+                 f"/v2/{image.name}/blobs/{next(iter(image.blobs))}"):
+        async with client.request(method, f"{mirror.url}{path}", data=b"x") as response:
+            assert response.status == 405
+            assert await error_code(response) == "UNSUPPORTED"
+    assert counting.count() == 0
+
+
+async def test_registry_host_prefix_and_ns_route_to_the_named_upstream(
+        make_mirror: MirrorFactory, registry: Registry, counting: Counting, client: aiohttp.ClientSession) -> None:
+    image = registry.images["team"]
+    mirror = await make_mirror({"docker.io": "http://127.0.0.1:9", "registry.test": counting.url})
+    for url in (f"{mirror.url}/v2/registry.test/{image.name}/manifests/{image.tag}",
+                f"{mirror.url}/v2/{image.name}/manifests/{image.tag}?ns=registry.test"):
+        status, _, body = await get(client, url, Accept=ACCEPT_ALL)
+        assert (status, body) == (200, image.manifest)
+    assert counting.count("GET", "manifests") == 1

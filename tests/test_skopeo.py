@@ -1,0 +1,68 @@
+"""A real client, skopeo, pulling through the mirror from a real upstream registry."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Counting, MirrorFactory, Registry
+
+
+async def skopeo_run(skopeo: str, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        skopeo, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await process.communicate()
+    assert process.returncode == 0, f"skopeo {' '.join(args)} failed: {err.decode()}"
+    return out.decode()
+
+
+async def copy(skopeo: str, source: str, destination: Path, all_images: bool) -> None:
+    await skopeo_run(skopeo, "copy", *(["--all"] if all_images else []), "--preserve-digests",
+                     "--src-tls-verify=false", f"docker://{source}", f"dir:{destination}")
+
+
+def assert_same_tree(left: Path, right: Path) -> None:
+    comparison = filecmp.dircmp(left, right)
+    assert sorted(p.name for p in left.iterdir()) == sorted(p.name for p in right.iterdir())
+    _, mismatch, errors = filecmp.cmpfiles(left, right, comparison.common_files, shallow=False)
+    assert not mismatch and not errors, f"differ: {mismatch} {errors}"
+
+
+@pytest.mark.parametrize(("label", "all_images"), [
+    ("single", False), ("docker", False), ("many", False), ("index", True), ("list", True),
+])
+async def test_copy_through_mirror_is_identical_and_second_copy_is_free(
+        label: str, all_images: bool, skopeo: str, registry: Registry, counting: Counting,
+        make_mirror: MirrorFactory, tmp_path: Path) -> None:
+    image = registry.images[label]
+    short = image.name.removeprefix("library/")
+    mirror = await make_mirror({"docker.io": counting.url})
+
+    await copy(skopeo, f"{registry.host}/{image.name}:{image.tag}", tmp_path / "direct", all_images)
+    await copy(skopeo, f"{mirror.host}/{short}:{image.tag}", tmp_path / "first", all_images)
+    assert_same_tree(tmp_path / "direct", tmp_path / "first")
+    assert counting.count("GET", "blobs") == len(image.blobs), "each blob is downloaded exactly once"
+    await mirror.services.background.join()
+
+    counting.reset()
+    await copy(skopeo, f"{mirror.host}/{image.name}:{image.tag}", tmp_path / "second", all_images)
+    assert_same_tree(tmp_path / "direct", tmp_path / "second")
+    assert counting.count() == 0, f"second copy reached the upstream: {dict(counting.requests)}"
+
+
+async def test_inspect_through_mirror(skopeo: str, registry: Registry, counting: Counting,
+                                      make_mirror: MirrorFactory) -> None:
+    image = registry.images["list"]
+    mirror = await make_mirror({"docker.io": counting.url})
+    raw = await skopeo_run(skopeo, "inspect", "--raw", "--tls-verify=false",
+                           f"docker://{mirror.host}/dockerlist:{image.tag}")
+    assert raw.encode() == image.manifest
+    info = json.loads(await skopeo_run(skopeo, "inspect", "--tls-verify=false",
+                                       f"docker://{mirror.host}/dockerlist:{image.tag}"))
+    assert info["Architecture"] == "amd64"
+    amd64 = next(child for child in image.children if b'"amd64"' in image.blobs[json.loads(child.manifest)["config"]["digest"]])
+    assert info["Layers"] == [layer["digest"] for layer in json.loads(amd64.manifest)["layers"]]
