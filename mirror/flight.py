@@ -3,7 +3,7 @@
 A download belongs to the mirror, not to a request: it runs as a tracked background task, and
 requests only wait on it (through `asyncio.shield`), so a client that goes away stops only its
 own reading. A blob `Fill` writes into the store's temp file; readers tail that file with
-`pread` as it grows, so each client's first byte comes long before the download ends. Readers
+`sendfile` as it grows, so each client's first byte comes long before the download ends. Readers
 are never given the last byte until the store has verified size and digest: if verification
 fails, every client's connection ends one byte short and no client accepts bad content.
 """
@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 from mirror.errors import Unavailable
 from mirror.oci import Digest
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-READ_CHUNK = 1 << 20
+# The most one sendfile call is given, so that readers take turns.
+WINDOW = 8 << 20
 
 
 class Background:
@@ -64,9 +65,6 @@ class Coalescer(Generic[K, V]):
         self._background = background
         self._inflight: dict[K, asyncio.Task[V]] = {}
 
-    def waiting(self, key: K) -> bool:
-        return key in self._inflight
-
     async def run(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> V:
         task = self._inflight.get(key)
         if task is None:
@@ -84,12 +82,10 @@ class Fill:
         self._store = store
         self._writer: BlobWriter | None = None
         self._read_fd = -1
-        self._readers = 0
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[int | None] = loop.create_future()
         self._done: asyncio.Future[None] = loop.create_future()
         self._progress = asyncio.Event()
-        self.waiters = 0
 
     # The producer side, driven by the download.
 
@@ -134,16 +130,13 @@ class Fill:
             self.fail(Unavailable(f"download of {self.digest} ended without publishing"))
         if self._writer is not None:
             self._writer.discard()
-        self._release_fd()
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
 
     def _notify(self) -> None:
         self._progress.set()
         self._progress = asyncio.Event()
-
-    def _release_fd(self) -> None:
-        if self._readers == 0 and self._done.done() and self._read_fd >= 0:
-            os.close(self._read_fd)
-            self._read_fd = -1
 
     # The reader side, one per client request.
 
@@ -152,11 +145,20 @@ class Fill:
         upstream's error if it refused."""
         return await asyncio.shield(self._started)
 
-    async def read(self, start: int, end: int | None) -> AsyncGenerator[bytes, None]:
-        """Bytes [start, end) as they land; end=None means to the end of the blob."""
+    def _open(self) -> BinaryIO:
+        """A file of the reader's own: a duplicate descriptor of the growing file while the
+        download runs, the published file once it is done (the fill's own may be closed)."""
+        if not self._done.done():
+            return open(os.dup(self._read_fd), "rb", buffering=0)
+        if (error := self._done.exception()) is not None:
+            raise error
+        return open(self._store.path(self.digest), "rb", buffering=0)
+
+    async def windows(self, start: int, end: int | None) -> AsyncGenerator[tuple[BinaryIO, int, int], None]:
+        """Bytes [start, end) as they land, as (file, offset, count) for sendfile; end=None
+        means to the end of the blob. The last byte is only offered once verified."""
         await self.started()
-        self._readers += 1
-        try:
+        with self._open() as file:
             position = start
             while end is None or position < end:
                 verified = self._done.done() and self._done.exception() is None
@@ -166,19 +168,13 @@ class Fill:
                 if end is not None:
                     available = min(available, end)
                 if position < available:
-                    count = min(available - position, READ_CHUNK)
-                    data = await asyncio.to_thread(os.pread, self._read_fd, count, position)
-                    if not data:
-                        raise Unavailable(f"cache file for {self.digest} shrank while being read")
-                    position += len(data)
-                    yield data
+                    count = min(available - position, WINDOW)
+                    yield file, position, count
+                    position += count
                 elif verified:
                     return
                 else:
                     await self._progress.wait()
-        finally:
-            self._readers -= 1
-            self._release_fd()
 
 
 class Fills:

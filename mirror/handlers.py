@@ -8,7 +8,9 @@ accepting a short or unverified blob.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -119,12 +121,23 @@ class RegistryHandlers:
         response = web.StreamResponse(status=status, headers={**headers, CACHE_HEADER: blob.cache.value})
         if end is not None:
             response.content_length = end - start
+        else:
+            response.enable_chunked_encoding()
         await response.prepare(request)
+        loop = asyncio.get_running_loop()
         try:
-            async with aclosing(blob.fill.read(start, end)) as chunks:
-                async for chunk in chunks:
-                    await response.write(chunk)
-        except ConnectionResetError:
+            async with aclosing(blob.fill.windows(start, end)) as windows:
+                async for file, offset, count in windows:
+                    if request.transport is None:
+                        return response
+                    if end is None:
+                        # Size unknown: the bytes must go through aiohttp's chunk framing.
+                        await response.write(await asyncio.to_thread(os.pread, file.fileno(), count, offset))
+                    else:
+                        # Zero-copy from the growing cache file (asyncio falls back to copying
+                        # where the transport cannot sendfile, e.g. TLS).
+                        await loop.sendfile(request.transport, file, offset, count)
+        except ConnectionError:
             return response
         except MirrorError as error:
             # Headers are out: the only honest signal left is a cut connection.

@@ -34,7 +34,6 @@ from mirror.upstream import Upstream
 log = logging.getLogger(__name__)
 
 ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
-WRITE_CHUNK = 1 << 20
 # Resume attempts in a row that bring no new bytes before a download is given up.
 MAX_RESUME_ATTEMPTS = 5
 RESUME_BACKOFF = 0.5
@@ -171,7 +170,6 @@ class Proxy:
             if size is not None:
                 return CachedBlob(self._store.path(digest), size, digest)
             if (fill := self.fills.active(digest)) is not None:
-                fill.waiters += 1
                 return StreamingBlob(fill, CacheResult.JOINED)
         fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
         return StreamingBlob(fill, CacheResult.MISS)
@@ -198,16 +196,14 @@ class Proxy:
                         fill.begin(response.content_length)
                         await self._index.link(upstream.name, name, fill.digest)
                     skip = _bytes_to_skip(response, fill)
-                    buffer = bytearray()
+                    # Everything buffered so far, in one piece: large under load (the socket
+                    # fills the buffer while the last piece is hashed and written), prompt
+                    # when the upstream trickles.
                     async for chunk in response.content.iter_any():
                         if skip:
                             chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-                        buffer += chunk
-                        if len(buffer) >= WRITE_CHUNK:
-                            await fill.write(buffer)
-                            buffer = bytearray()
-                    if buffer:
-                        await fill.write(buffer)
+                        if chunk:
+                            await fill.write(chunk)
                 if fill.size is None or fill.written == fill.size:
                     break
                 raise Unavailable(f"upstream {upstream.name} ended {fill.digest} after {fill.written} bytes")
