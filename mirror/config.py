@@ -230,30 +230,36 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
     return _build(_Section(data, ""), environ, overrides)
 
 
+_SCALARS = ("listen", "cache_dir", "default_upstream", "log_level")
+
+
+def _scalar_settings(root: _Section, environ: Mapping[str, str],
+                     overrides: Overrides) -> dict[str, tuple[str, object]]:
+    """Each plain setting with where it came from (for error messages), the file overridden by
+    the environment overridden by the flags."""
+    settings: dict[str, tuple[str, object]] = {}
+    for key in _SCALARS:
+        variable, flag = f"MIRROR_{key.upper()}", f"--{key.replace('_', '-')}"
+        for origin, value in ((key, root.data.get(key)), (variable, environ.get(variable)),
+                              (flag, getattr(overrides, key))):
+            if value is not None:
+                settings[key] = (origin, value)
+    return settings
+
+
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level"})
     config = Config()
-    layers: list[tuple[str, dict[str, Any]]] = [
-        ("", {k: root.data.get(k) for k in ("listen", "cache_dir", "default_upstream", "log_level")}),
-        ("env ", {"listen": environ.get("MIRROR_LISTEN"), "cache_dir": environ.get("MIRROR_CACHE_DIR"),
-                  "default_upstream": environ.get("MIRROR_DEFAULT_UPSTREAM"),
-                  "log_level": environ.get("MIRROR_LOG_LEVEL")}),
-        ("--", {"listen": overrides.listen, "cache_dir": overrides.cache_dir,
-                "default_upstream": overrides.default_upstream, "log_level": overrides.log_level}),
-    ]
-    for origin, values in layers:
-        if values["listen"] is not None:
-            key = {"": "listen", "env ": "MIRROR_LISTEN", "--": "--listen"}[origin]
-            if not isinstance(values["listen"], str):
-                raise ConfigError(f"{key}: expected HOST:PORT, got {values['listen']!r}")
-            host, port = parse_listen(values["listen"], key)
+    for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
+        if key == "listen":
+            host, port = parse_listen(str(value), origin)
             config = replace(config, host=host, port=port)
-        if values["cache_dir"] is not None:
-            config = replace(config, cache_dir=Path(str(values["cache_dir"])))
-        if values["default_upstream"] is not None:
-            config = replace(config, default_upstream=str(values["default_upstream"]))
-        if values["log_level"] is not None:
-            config = replace(config, log_level=str(values["log_level"]).lower())
+        elif key == "cache_dir":
+            config = replace(config, cache_dir=Path(str(value)))
+        elif key == "default_upstream":
+            config = replace(config, default_upstream=str(value))
+        else:
+            config = replace(config, log_level=str(value).lower())
 
     if (items := root.get("upstreams", list)) is not None:
         upstreams = tuple(_upstream(_Section(item, f"upstreams[{i}]"), environ) for i, item in enumerate(items))
