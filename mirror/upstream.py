@@ -90,12 +90,17 @@ class Upstream:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False
 
+    def _basic_credential(self) -> str | None:
+        if self.config.username is None:
+            return None
+        return aiohttp.encode_basic_auth(self.config.username, self.config.password or "")
+
     def _auth_header(self, scope: str) -> dict[str, str]:
         token = self._tokens.get(scope)
         if token and token[1] > time.monotonic():
             return {"Authorization": f"Bearer {token[0]}"}
-        if self._basic and self.config.username is not None:
-            return {"Authorization": aiohttp.BasicAuth(self.config.username, self.config.password or "").encode()}
+        if self._basic and (basic := self._basic_credential()) is not None:
+            return {"Authorization": basic}
         return {}
 
     @asynccontextmanager
@@ -104,13 +109,15 @@ class Upstream:
         """A response with a 2xx status; every other outcome is raised as a domain error."""
         url = f"{self.config.url}{path}"
         for attempt in (1, 2):
-            sent = {**(headers or {}), **self._auth_header(scope)}
+            credential = self._auth_header(scope)
+            sent = {**(headers or {}), **credential}
             try:
                 response = await self._session.request(method, url, headers=sent)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
             try:
-                if response.status == 401 and attempt == 1 and await self._authenticate(response, scope):
+                if response.status == 401 and attempt == 1 and await self._authenticate(
+                        response, scope, credential.get("Authorization")):
                     continue
                 if response.status >= 300:
                     raise await self._error(response, kind)
@@ -119,35 +126,42 @@ class Upstream:
             finally:
                 response.release()
 
-    async def _authenticate(self, response: aiohttp.ClientResponse, scope: str) -> bool:
-        """Answer a 401 challenge; True if the request is worth retrying."""
+    async def _authenticate(self, response: aiohttp.ClientResponse, scope: str, rejected: str | None) -> bool:
+        """Answer a 401 challenge to a request sent with the `rejected` Authorization (or none);
+        True if the request is worth retrying."""
         challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
         if challenge is None:
             return False
         if challenge.scheme == "basic":
-            if self.config.username is None or self._basic:
+            basic = self._basic_credential()
+            # Refused with our own credentials: retrying cannot help. Refused without them
+            # (maybe while a concurrent request was switching to Basic): send them.
+            if basic is None or rejected == basic:
                 return False
             self._basic = True
             return True
         if challenge.scheme == "bearer" and "realm" in challenge.params:
-            await self._fetch_token(challenge, scope)
+            await self._fetch_token(challenge, scope, rejected)
             return True
         return False
 
-    async def _fetch_token(self, challenge: Challenge, scope: str) -> None:
+    async def _fetch_token(self, challenge: Challenge, scope: str, rejected: str | None) -> None:
+        """A token for `scope`, unless a valid one other than the `rejected` one is cached (a
+        concurrent request fetched it). A rejected token is replaced even if it has not expired
+        by our clock: the upstream may have revoked it or expired it early."""
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
             cached = self._tokens.get(scope)
-            if cached and cached[1] > time.monotonic():
+            if cached and cached[1] > time.monotonic() and f"Bearer {cached[0]}" != rejected:
                 return
+            self._tokens.pop(scope, None)
             params = {"scope": challenge.params.get("scope", scope)}
             if "service" in challenge.params:
                 params["service"] = challenge.params["service"]
-            auth = None
-            if self.config.username is not None:
-                auth = aiohttp.BasicAuth(self.config.username, self.config.password or "")
+            basic = self._basic_credential()
+            sent = {"Authorization": basic} if basic is not None else None
             try:
-                async with self._session.get(challenge.params["realm"], params=params, auth=auth) as response:
+                async with self._session.get(challenge.params["realm"], params=params, headers=sent) as response:
                     if response.status in (401, 403):
                         raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
                     if response.status == 429:

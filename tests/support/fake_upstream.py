@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from aiohttp import BasicAuth, web
+from aiohttp import encode_basic_auth, web
 from aiohttp.test_utils import TestServer
 
 CHUNK = 256 * 1024
@@ -42,6 +42,16 @@ class FakeUpstream:
     forced: dict[str, Forced] = field(default_factory=dict)
     """Path (e.g. /v2/x/manifests/latest) -> a response forced in place of the real one."""
     corrupt: set[str] = field(default_factory=set)
+    """Blob digests served with their last byte flipped."""
+    corrupt_manifests: set[str] = field(default_factory=set)
+    """Manifest digests served with a byte appended (still valid JSON) under the original
+    Docker-Content-Digest, so the body no longer matches the digest the upstream claims."""
+    chunked_manifests: bool = False
+    """Send manifest bodies with chunked encoding (no Content-Length)."""
+    chunked_blobs: bool = False
+    """Send blob bodies with chunked encoding (no Content-Length)."""
+    blob_ranges: list[str | None] = field(default_factory=list)
+    """The Range header of every blob GET (registry or CDN), in order."""
     drop_after: dict[str, int] = field(default_factory=dict)
     """digest -> cut the connection after this many bytes, on the first GET only."""
     gates: dict[str, tuple[int, asyncio.Event]] = field(default_factory=dict)
@@ -82,7 +92,7 @@ class FakeUpstream:
     async def _token(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization")
         self.token_requests.append((header, dict(request.query)))
-        if self.credentials is not None and header != BasicAuth(*self.credentials).encode():
+        if self.credentials is not None and header != encode_basic_auth(*self.credentials):
             return web.json_response({"details": "bad credentials"}, status=401)
         token = secrets.token_hex(8)
         self._tokens.add(token)
@@ -104,7 +114,7 @@ class FakeUpstream:
         if self.auth == "bearer":
             scheme, _, token = header.partition(" ")
             return scheme == "Bearer" and token in self._tokens
-        return self.credentials is not None and header == BasicAuth(*self.credentials).encode()
+        return self.credentials is not None and header == encode_basic_auth(*self.credentials)
 
     async def _registry(self, request: web.Request) -> web.StreamResponse:
         path = request.path
@@ -129,6 +139,16 @@ class FakeUpstream:
             headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
             if request.method == "HEAD":
                 return web.Response(headers={**headers, "Content-Length": str(len(body))})
+            if digest in self.corrupt_manifests:
+                body += b"\n"
+            if self.chunked_manifests:
+                response = web.StreamResponse(headers=headers)
+                response.enable_chunked_encoding()
+                await response.prepare(request)
+                for offset in range(0, len(body), CHUNK):
+                    await response.write(body[offset:offset + CHUNK])
+                await response.write_eof()
+                return response
             return web.Response(body=body, headers=headers)
         if kind == "blobs":
             if rest not in self.blobs:
@@ -148,6 +168,7 @@ class FakeUpstream:
         return await self._send_blob(request, request.match_info["digest"])
 
     async def _send_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
+        self.blob_ranges.append(request.headers.get("Range"))
         data = self.blobs[digest]
         if digest in self.corrupt:
             data = data[:-1] + bytes([data[-1] ^ 0xFF])
@@ -157,7 +178,10 @@ class FakeUpstream:
             start = request.http_range.start
             response.set_status(206)
             response.headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        response.content_length = len(data) - start
+        if self.chunked_blobs:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(data) - start
         await response.prepare(request)
         drop_at = self.drop_after.pop(digest, None)
         gate = self.gates.get(digest)

@@ -1,0 +1,745 @@
+"""Faults a real registry cannot produce on demand, against the scriptable fake upstream: the
+token flow, a CDN on another origin, bytes that fail their digest, a connection cut mid-blob,
+rate limits and 5xx (with stale-if-error), a trickling upstream, many clients on one download,
+a client that walks away, Range requests, and the start-up sweep.
+
+Nothing here sleeps to synchronise: the fake holds a blob at a byte offset until the test sets
+an `asyncio.Event`, and `background.join()` waits for the mirror's own downloads. Every wait is
+bounded by `asyncio.timeout` so a regression fails instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDictProxy
+
+from mirror.oci import MANIFEST_MAX_BYTES, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Digest
+from tests.conftest import Mirror, MirrorFactory
+from tests.support.fake_upstream import FakeUpstream, Forced
+
+NAME = "team/app"
+OTHER = "team/other"
+ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+CACHE = "X-Mirror-Cache"
+MiB = 1 << 20
+# Upper bound for any single wait; the whole file runs in a few seconds.
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    tag: str
+    manifest: bytes
+    digest: str
+    config: str
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def error_code(self) -> str:
+        document = json.loads(self.body)
+        assert isinstance(document, dict), self.body[:200]
+        code = document["errors"][0]["code"]
+        assert isinstance(code, str)
+        return code
+
+
+def add_image(fake: FakeUpstream, name: str = NAME, tag: str = "latest", layers: Sequence[bytes] = (),
+              seed: int = 0, pad: int = 0) -> Image:
+    """A config blob, the given layers and an OCI manifest naming them, served by the fake."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
+    config_digest = fake.add_blob(config)
+    layer_digests = tuple(fake.add_blob(layer) for layer in layers)
+    document: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d,
+                    "size": len(fake.blobs[d])} for d in layer_digests],
+    }
+    if pad:
+        document["annotations"] = {"padding": "x" * pad}
+    body = json.dumps(document, indent=2).encode()
+    digest = fake.add_manifest(name, tag, body, OCI_MANIFEST)
+    return Image(name, tag, body, digest, config_digest, layer_digests)
+
+
+def manifest_url(mirror: Mirror, name: str, reference: str) -> str:
+    return f"{mirror.url}/v2/{name}/manifests/{reference}"
+
+
+def blob_url(mirror: Mirror, name: str, digest: str) -> str:
+    return f"{mirror.url}/v2/{name}/blobs/{digest}"
+
+
+async def fetch(client: aiohttp.ClientSession, url: str, method: str = "GET",
+                headers: dict[str, str] | None = None) -> Fetched:
+    async with asyncio.timeout(TIMEOUT), client.request(method, url, headers=headers) as response:
+        return Fetched(response.status, response.headers, await response.read())
+
+
+async def pull_manifest(client: aiohttp.ClientSession, mirror: Mirror, name: str, reference: str) -> Fetched:
+    return await fetch(client, manifest_url(mirror, name, reference), headers={"Accept": ACCEPT})
+
+
+async def pull_blob(client: aiohttp.ClientSession, mirror: Mirror, name: str, digest: str) -> Fetched:
+    return await fetch(client, blob_url(mirror, name, digest))
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def stored_digest(mirror: Mirror, digest: str) -> str | None:
+    """The sha256 of the store's file for `digest`, or None if the store has none."""
+    path = mirror.services.store.path(Digest.parse(digest))
+    return sha256(path.read_bytes()) if path.exists() else None
+
+
+def tmp_files(mirror: Mirror) -> list[Path]:
+    return sorted((mirror.services.config.cache_dir / "tmp").iterdir())
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def wait_for_signals(signals: Sequence[asyncio.Event], tasks: Sequence[asyncio.Task[Any]]) -> None:
+    """Until every signal is set; raises at once if a task fails first."""
+    everything = asyncio.ensure_future(asyncio.gather(*(s.wait() for s in signals)))
+    pending: set[asyncio.Future[Any]] = {everything, *tasks}
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not everything.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for finished in done:
+                    if finished is not everything:
+                        finished.result()
+    finally:
+        everything.cancel()
+
+
+# 1. Token flow
+
+
+async def test_bearer_token_is_fetched_once_per_repository_scope(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    fake.auth = "bearer"
+    layers = [random.Random(n).randbytes(4096) for n in range(3)]
+    image = add_image(fake, layers=layers)
+    other = add_image(fake, OTHER, layers=[b"other layer"], seed=1)
+    for tag in ("a", "b", "c", "d"):
+        add_image(fake, tag=tag, seed=ord(tag))
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    # Concurrent first requests all meet the 401 at once: still a single token request.
+    results = await asyncio.gather(*(pull_manifest(client, mirror, NAME, tag) for tag in ("a", "b", "c", "d")))
+    assert [r.status for r in results] == [200] * 4
+    assert len(fake.token_requests) == 1
+
+    manifest = await pull_manifest(client, mirror, NAME, "latest")
+    assert manifest.status == 200 and manifest.body == image.manifest
+    for digest in (image.config, *image.layers):
+        blob = await pull_blob(client, mirror, NAME, digest)
+        assert blob.status == 200 and blob.body == fake.blobs[digest]
+    extra = fake.add_blob(b"not referenced by any manifest")
+    head = await fetch(client, blob_url(mirror, NAME, extra), "HEAD")
+    assert head.status == 200 and head.headers["Content-Length"] == "30"
+    assert fake.count("GET", "blobs") == 4
+    assert len(fake.token_requests) == 1
+    assert fake.token_requests[0][1]["scope"] == f"repository:{NAME}:pull"
+
+    # Another repository is another scope: exactly one more token.
+    assert (await pull_manifest(client, mirror, OTHER, "latest")).body == other.manifest
+    assert (await pull_blob(client, mirror, OTHER, other.layers[0])).body == b"other layer"
+    assert len(fake.token_requests) == 2
+    assert fake.token_requests[1][1]["scope"] == f"repository:{OTHER}:pull"
+    # Anonymous: the token endpoint was asked without credentials.
+    assert [header for header, _ in fake.token_requests] == [None, None]
+
+
+async def test_bearer_credentials_go_to_the_token_realm_only(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    fake.auth = "bearer"
+    fake.credentials = ("u", "p")
+    image = add_image(fake, layers=[b"layer one"])
+    mirror = await make_mirror({"docker.io": fake.url}, username="u", password="p")
+
+    manifest = await pull_manifest(client, mirror, NAME, "latest")
+    assert manifest.status == 200 and manifest.body == image.manifest
+    blob = await pull_blob(client, mirror, NAME, image.layers[0])
+    assert blob.status == 200 and blob.body == b"layer one"
+
+    assert [header for header, _ in fake.token_requests] == [aiohttp.encode_basic_auth("u", "p")]
+    sent = [a for a in fake.authorizations if a is not None]
+    assert sent, "the registry never saw the token"
+    assert all(a.startswith("Bearer ") for a in sent), sent
+    # The client never sees anything of the mirror's credentials.
+    for response in (manifest, blob):
+        assert "WWW-Authenticate" not in response.headers
+        assert not any("Basic" in value or "Bearer" in value for value in response.headers.values())
+
+
+async def test_bearer_reauthenticates_when_the_upstream_forgets_its_token(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    fake.auth = "bearer"
+    image = add_image(fake, layers=[b"first layer", b"second layer"])
+    mirror = await make_mirror({"docker.io": fake.url})
+    assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
+    assert (await pull_blob(client, mirror, NAME, image.layers[0])).body == b"first layer"
+    assert len(fake.token_requests) == 1
+
+    # The token expires (or is revoked) upstream before the mirror thinks it should.
+    fake._tokens.clear()
+    blob = await pull_blob(client, mirror, NAME, image.layers[1])
+    assert blob.status == 200, blob.body
+    assert blob.body == b"second layer"
+    assert len(fake.token_requests) == 2
+
+
+# 2. Basic auth
+
+
+async def test_basic_auth_upstream(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                   client: aiohttp.ClientSession) -> None:
+    fake.auth = "basic"
+    fake.credentials = ("u", "p")
+    image = add_image(fake, layers=[b"basic layer"])
+    for tag in ("a", "b", "c"):
+        add_image(fake, tag=tag, seed=ord(tag))
+    mirror = await make_mirror({"docker.io": fake.url}, username="u", password="p")
+
+    # Several first requests at once all meet the Basic challenge before any has answered it.
+    results = await asyncio.gather(
+        pull_manifest(client, mirror, NAME, "latest"),
+        *(pull_manifest(client, mirror, NAME, tag) for tag in ("a", "b", "c")),
+        pull_blob(client, mirror, NAME, image.layers[0]),
+    )
+    assert [r.status for r in results] == [200] * 5, [r.body[:200] for r in results]
+    assert results[0].body == image.manifest
+    assert results[-1].body == b"basic layer"
+    assert fake.token_requests == []
+    assert aiohttp.encode_basic_auth("u", "p") in fake.authorizations
+
+    anonymous = await make_mirror({"docker.io": fake.url})
+    refused = await pull_manifest(client, anonymous, NAME, "latest")
+    assert refused.status == 401
+    assert refused.error_code() == "UNAUTHORIZED"
+    refused_blob = await pull_blob(client, anonymous, NAME, image.layers[0])
+    assert refused_blob.status == 401
+    assert refused_blob.error_code() == "UNAUTHORIZED"
+
+
+# 3. CDN redirect
+
+
+async def test_blob_redirect_to_cdn_carries_no_authorization(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    fake.auth = "bearer"
+    fake.redirect_blobs = True
+    data = random.Random(3).randbytes(3 * MiB + 17)
+    image = add_image(fake, layers=[data])
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
+    blob = await pull_blob(client, mirror, NAME, image.layers[0])
+    assert blob.status == 200
+    assert blob.body == data
+    assert fake.cdn_requests == [None]
+    # The registry itself did get the token: the redirect came after authentication.
+    assert any(a is not None and a.startswith("Bearer ") for a in fake.authorizations)
+    await mirror.services.background.join()
+    assert stored_digest(mirror, image.layers[0]) == image.layers[0]
+
+
+# 4. Wrong digest
+
+
+async def test_blob_with_wrong_digest_is_never_delivered_nor_published(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(4).randbytes(2 * MiB + 5)
+    digest = fake.add_blob(data)
+    fake.corrupt = {digest}
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    received = bytearray()
+    status, cut = 0, False
+    try:
+        async with asyncio.timeout(TIMEOUT), client.get(blob_url(mirror, NAME, digest)) as response:
+            status = response.status
+            async for chunk in response.content.iter_any():
+                received += chunk
+    except aiohttp.ClientPayloadError:
+        cut = True
+    if status == 200:
+        # Headers were out when the digest failed: the connection is cut one byte short (or
+        # more), so the client sees fewer bytes than Content-Length and rejects the blob.
+        assert cut, "the client received a complete body of bad content"
+        assert len(received) < len(data)
+    else:
+        assert status in (502, 503), status
+        assert json.loads(received)["errors"][0]["code"] == "UNAVAILABLE"
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) is None
+    assert tmp_files(mirror) == []
+
+    fake.corrupt.clear()
+    again = await pull_blob(client, mirror, NAME, digest)
+    assert again.status == 200
+    assert again.body == data
+    assert again.headers[CACHE] == "MISS"
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) == digest
+
+
+async def test_blob_without_content_length_is_verified_too(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    """An upstream that streams a blob chunked, without announcing its size: good content is
+    served and cached; bad content is cut off before the end, since there is no length for the
+    client to check against."""
+    fake.chunked_blobs = True
+    good = random.Random(41).randbytes(3 * MiB + 7)
+    good_digest = fake.add_blob(good)
+    bad = random.Random(42).randbytes(3 * MiB + 7)
+    bad_digest = fake.add_blob(bad)
+    fake.corrupt = {bad_digest}
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    served = await pull_blob(client, mirror, NAME, good_digest)
+    assert served.status == 200 and served.body == good
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await pull_blob(client, mirror, NAME, bad_digest)
+    await mirror.services.background.join()
+    assert stored_digest(mirror, good_digest) == good_digest
+    assert stored_digest(mirror, bad_digest) is None
+    assert tmp_files(mirror) == []
+
+
+async def test_manifest_with_wrong_digest_is_refused_and_not_cached(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    image = add_image(fake, layers=[b"layer"])
+    fake.corrupt_manifests = {image.digest}
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    for reference in ("latest", image.digest):
+        refused = await pull_manifest(client, mirror, NAME, reference)
+        assert refused.status == 502  # a bad gateway, not a crash
+        assert refused.error_code() == "UNAVAILABLE"
+        assert image.manifest not in refused.body
+    assert stored_digest(mirror, image.digest) is None
+    assert stored_digest(mirror, sha256(image.manifest + b"\n")) is None
+    assert tmp_files(mirror) == []
+
+    fake.corrupt_manifests.clear()
+    good = await pull_manifest(client, mirror, NAME, "latest")
+    assert good.status == 200
+    assert good.headers[CACHE] == "MISS"  # nothing of the bad answer was remembered
+    assert good.body == image.manifest
+    assert good.headers["Docker-Content-Digest"] == image.digest
+
+
+# 5. Dropped connection mid-blob
+
+
+@pytest.mark.parametrize("ignore_range", [False, True], ids=["range", "range-ignored"])
+async def test_dropped_upstream_connection_is_resumed(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, ignore_range: bool) -> None:
+    data = random.Random(5).randbytes(5 * MiB + 321)
+    digest = fake.add_blob(data)
+    # The upstream pauses at 2 MiB, then cuts the connection at 3.5 MiB. The pause lets the test
+    # know bytes reached the cache before the cut (the client has read some); without it, aiohttp
+    # may still hold every byte unread when the cut arrives and then discards them all, and the
+    # mirror rightly restarts from zero instead of resuming.
+    gate = asyncio.Event()
+    fake.gates[digest] = (2 * MiB, gate)
+    drop = 3 * MiB + MiB // 2
+    fake.drop_after = {digest: drop}
+    fake.ignore_range = ignore_range
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    async with asyncio.timeout(TIMEOUT), client.get(blob_url(mirror, NAME, digest)) as response:
+        assert response.status == 200
+        assert response.content_length == len(data)
+        first = await response.content.readany()
+        assert first
+        gate.set()
+        body = first + await response.read()
+    assert body == data
+    assert fake.count("GET", "blobs") == 2
+    first_range, resume_range = fake.blob_ranges
+    assert first_range is None
+    assert resume_range is not None and resume_range.startswith("bytes=") and resume_range.endswith("-")
+    resumed_at = int(resume_range.removeprefix("bytes=").removesuffix("-"))
+    assert len(first) < resumed_at <= drop
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) == digest
+    assert tmp_files(mirror) == []
+
+
+async def test_connection_dropped_before_the_first_byte_is_retried(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(50).randbytes(2 * MiB)
+    digest = fake.add_blob(data)
+    fake.drop_after = {digest: 0}  # headers, then nothing
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    blob = await pull_blob(client, mirror, NAME, digest)
+    assert blob.status == 200
+    assert blob.body == data
+    assert fake.blob_ranges == [None, None]  # nothing to resume from: asked again from the start
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) == digest
+
+
+# 6. Upstream errors
+
+
+async def test_upstream_errors_become_oci_errors(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    add_image(fake, tag="limited")
+    add_image(fake, tag="broken", seed=1)
+    add_image(fake, tag="secret", seed=2)
+    mirror = await make_mirror({"docker.io": fake.url})
+    fake.forced[f"/v2/{NAME}/manifests/limited"] = Forced(429, {"Retry-After": "7"})
+    fake.forced[f"/v2/{NAME}/manifests/broken"] = Forced(500)
+    fake.forced[f"/v2/{NAME}/manifests/secret"] = Forced(403)
+
+    limited = await pull_manifest(client, mirror, NAME, "limited")
+    assert limited.status == 429
+    assert limited.error_code() == "TOOMANYREQUESTS"
+    assert limited.headers["Retry-After"] == "7"
+
+    broken = await pull_manifest(client, mirror, NAME, "broken")
+    assert broken.status == 503
+    assert broken.error_code() == "UNAVAILABLE"
+
+    secret = await pull_manifest(client, mirror, NAME, "secret")
+    assert secret.status == 403
+    assert secret.error_code() == "DENIED"
+
+    missing = await pull_blob(client, mirror, NAME, sha256(b"nobody has this"))
+    assert missing.status == 404
+    assert missing.error_code() == "BLOB_UNKNOWN"
+
+    unreachable = await make_mirror({"docker.io": f"http://127.0.0.1:{closed_port()}"})
+    for response in (await pull_manifest(client, unreachable, NAME, "latest"),
+                     await pull_blob(client, unreachable, NAME, sha256(b"anything"))):
+        assert response.status == 503
+        assert response.error_code() == "UNAVAILABLE"
+    # None of the failures was cached: once the upstream recovers, the tags are served.
+    fake.forced.clear()
+    for tag in ("limited", "broken", "secret"):
+        assert (await pull_manifest(client, mirror, NAME, tag)).status == 200
+
+
+# 7. Stale-if-error and tag freshness
+
+
+@pytest.mark.parametrize("status", [500, 429])
+async def test_cached_tag_is_served_stale_when_the_upstream_fails(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, status: int) -> None:
+    image = add_image(fake)
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0)
+    first = await pull_manifest(client, mirror, NAME, "latest")
+    assert first.status == 200 and first.headers[CACHE] == "MISS"
+
+    path = f"/v2/{NAME}/manifests/latest"
+    fake.forced[path] = Forced(status, {"Retry-After": "30"} if status == 429 else {})
+    heads_before = fake.requests[("HEAD", path)]
+    for _ in range(2):
+        stale = await pull_manifest(client, mirror, NAME, "latest")
+        assert stale.status == 200
+        assert stale.body == image.manifest
+        assert stale.headers["Docker-Content-Digest"] == image.digest
+        assert stale.headers[CACHE] == "STALE"
+    # It did try: the tag is always revalidated with ttl 0.
+    assert fake.requests[("HEAD", path)] == heads_before + 2
+    # HEAD of the tag is served stale as well.
+    head = await fetch(client, manifest_url(mirror, NAME, "latest"), "HEAD", {"Accept": ACCEPT})
+    assert head.status == 200 and head.headers[CACHE] == "STALE"
+    assert head.headers["Docker-Content-Digest"] == image.digest
+
+
+async def test_tag_whose_digest_moved_is_fetched_again(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    old = add_image(fake)
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0)
+    assert (await pull_manifest(client, mirror, NAME, "latest")).body == old.manifest
+
+    unchanged = await pull_manifest(client, mirror, NAME, "latest")
+    assert unchanged.body == old.manifest and unchanged.headers[CACHE] == "REVALIDATED"
+
+    new = add_image(fake, seed=99)
+    assert new.digest != old.digest
+    moved = await pull_manifest(client, mirror, NAME, "latest")
+    assert moved.status == 200
+    assert moved.body == new.manifest
+    assert moved.headers["Docker-Content-Digest"] == new.digest
+    assert moved.headers[CACHE] == "MISS"
+    # The old content is still reachable by digest, from the cache.
+    by_digest = await pull_manifest(client, mirror, NAME, old.digest)
+    assert by_digest.body == old.manifest and by_digest.headers[CACHE] == "HIT"
+
+
+async def test_fresh_tag_is_served_without_asking_the_upstream(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    image = add_image(fake, layers=[b"fresh layer"])
+    mirror = await make_mirror({"docker.io": fake.url})
+    assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
+    assert (await pull_blob(client, mirror, NAME, image.layers[0])).body == b"fresh layer"
+    await mirror.services.background.join()
+    before = Counter(fake.requests)
+
+    again = await pull_manifest(client, mirror, NAME, "latest")
+    assert again.status == 200 and again.body == image.manifest and again.headers[CACHE] == "HIT"
+    head = await fetch(client, manifest_url(mirror, NAME, "latest"), "HEAD", {"Accept": ACCEPT})
+    assert head.status == 200 and head.headers["Docker-Content-Digest"] == image.digest
+    blob = await pull_blob(client, mirror, NAME, image.layers[0])
+    assert blob.body == b"fresh layer" and blob.headers[CACHE] == "HIT"
+    assert fake.requests == before
+
+
+# 8. Streaming a slow upstream
+
+
+async def test_client_gets_bytes_before_the_upstream_has_finished(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(8).randbytes(8 * MiB)
+    digest = fake.add_blob(data)
+    gate = asyncio.Event()
+    fake.gates[digest] = (MiB, gate)
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    async with asyncio.timeout(TIMEOUT), client.get(blob_url(mirror, NAME, digest)) as response:
+        assert response.status == 200
+        assert response.content_length == len(data)
+        first = await response.content.readany()
+        assert first, "no body before the upstream finished"
+        assert not gate.is_set()
+        assert len(first) <= MiB and data.startswith(first)
+        gate.set()
+        rest = await response.read()
+    assert first + rest == data
+
+
+async def test_small_blob_streams_before_the_upstream_has_finished(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(81).randbytes(512 * 1024)
+    digest = fake.add_blob(data)
+    gate = asyncio.Event()
+    fake.gates[digest] = (128 * 1024, gate)
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    # Smaller than any sensible write buffer: the mirror must pass bytes on as they arrive,
+    # not when it has collected "enough" (it would wait for the gate forever).
+    async with asyncio.timeout(TIMEOUT), client.get(blob_url(mirror, NAME, digest)) as response:
+        assert response.status == 200
+        first = await response.content.readany()
+        assert first and data.startswith(first)
+        assert not gate.is_set()
+        gate.set()
+        assert first + await response.read() == data
+
+
+# 9. Many clients, one download
+
+
+async def test_twenty_clients_stream_one_download(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    clients = 20
+    data = random.Random(1).randbytes(64 * MiB)
+    expected = hashlib.sha256(data).hexdigest()
+    digest = fake.add_blob(data)
+    del data  # each client hashes as it reads; nothing holds 20 copies
+    gate = asyncio.Event()
+    fake.gates[digest] = (32 * MiB, gate)
+    mirror = await make_mirror({"docker.io": fake.url})
+    url = blob_url(mirror, NAME, digest)
+    got_first = [asyncio.Event() for _ in range(clients)]
+
+    async def pull(i: int) -> tuple[str, int, str]:
+        async with client.get(url) as response:
+            assert response.status == 200
+            hasher = hashlib.sha256()
+            first = await response.content.readany()
+            assert first and not gate.is_set()
+            hasher.update(first)
+            received = len(first)
+            got_first[i].set()
+            async for chunk in response.content.iter_chunked(4 * MiB):
+                hasher.update(chunk)
+                received += len(chunk)
+            return hasher.hexdigest(), received, response.headers[CACHE]
+
+    tasks = [asyncio.create_task(pull(i)) for i in range(clients)]
+    try:
+        await wait_for_signals(got_first, tasks)
+        assert not gate.is_set()
+        gate.set()
+        async with asyncio.timeout(TIMEOUT):
+            results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    assert [(h, n) for h, n, _ in results] == [(expected, 64 * MiB)] * clients
+    assert sorted(c for _, _, c in results) == ["JOINED"] * (clients - 1) + ["MISS"]
+    assert fake.count("GET", "blobs") == 1
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) == digest
+
+
+# 10. A client that walks away
+
+
+async def test_download_survives_the_client_that_started_it(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(10).randbytes(6 * MiB + 99)
+    digest = fake.add_blob(data)
+    gate = asyncio.Event()
+    fake.gates[digest] = (2 * MiB, gate)
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    async with asyncio.timeout(TIMEOUT):
+        response = await client.get(blob_url(mirror, NAME, digest))
+        assert response.status == 200
+        assert await response.content.readany()
+        response.close()  # drops the connection with the blob half sent
+        gate.set()
+        await mirror.services.background.join()
+
+    assert mirror.services.store.size(Digest.parse(digest)) == len(data)
+    assert stored_digest(mirror, digest) == digest
+    assert tmp_files(mirror) == []
+    before = fake.count("GET", "blobs")
+    assert before == 1
+
+    hit = await pull_blob(client, mirror, NAME, digest)
+    assert hit.status == 200
+    assert hit.headers[CACHE] == "HIT"
+    assert hit.body == data
+    assert fake.count("GET", "blobs") == before
+
+
+# 11. Range requests
+
+
+async def test_range_requests_on_a_miss_and_on_a_hit(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(11).randbytes(5000)
+    digest = fake.add_blob(data)
+    other = random.Random(12).randbytes(3000)
+    other_digest = fake.add_blob(other)
+    mirror = await make_mirror({"docker.io": fake.url})
+    url = blob_url(mirror, NAME, digest)
+
+    miss = await fetch(client, url, headers={"Range": "bytes=100-199"})
+    assert miss.status == 206
+    assert miss.headers[CACHE] == "MISS"
+    assert miss.body == data[100:200]
+    assert miss.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+
+    beyond = await fetch(client, blob_url(mirror, NAME, other_digest), headers={"Range": "bytes=3000-3100"})
+    assert beyond.status == 416
+    assert beyond.error_code() == "RANGE_INVALID"
+    assert beyond.headers["Content-Range"] == f"bytes */{len(other)}"
+
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) == digest
+    hit = await fetch(client, url, headers={"Range": "bytes=100-199"})
+    assert hit.status == 206
+    assert hit.headers[CACHE] == "HIT"
+    assert hit.body == data[100:200]
+    assert hit.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    assert fake.count("GET", "blobs") == 2  # one download each, none for the hit
+
+
+# 12. HEAD of an uncached blob
+
+
+async def test_head_of_uncached_blob_does_not_download_it(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(12).randbytes(3 * MiB)
+    digest = fake.add_blob(data)
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    head = await fetch(client, blob_url(mirror, NAME, digest), "HEAD")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(data))
+    assert head.headers["Docker-Content-Digest"] == digest
+    assert head.body == b""
+    await mirror.services.background.join()
+    assert fake.count("HEAD", "blobs") == 1
+    assert fake.count("GET", "blobs") == 0
+    assert mirror.services.store.size(Digest.parse(digest)) is None
+
+    missing = await fetch(client, blob_url(mirror, NAME, sha256(b"absent")), "HEAD")
+    assert missing.status == 404
+
+
+# 13. Start-up sweep
+
+
+async def test_startup_sweeps_unfinished_downloads(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "swept"
+    data = b"a blob published before the restart"
+    digest = fake.add_blob(data)
+    published = cache_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    published.parent.mkdir(parents=True)
+    published.write_bytes(data)
+    leftover = cache_dir / "tmp" / f"{digest[7:]}.0123456789abcdef.part"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(data[:10])
+
+    mirror = await make_mirror({"docker.io": fake.url}, cache_dir=cache_dir)
+    assert not leftover.exists()
+    assert tmp_files(mirror) == []
+    # What was published survives the sweep and is served from the cache.
+    blob = await pull_blob(client, mirror, NAME, digest)
+    assert blob.status == 200 and blob.body == data and blob.headers[CACHE] == "HIT"
+    assert fake.count("GET", "blobs") == 0
+
+
+# 14. Oversized manifests
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_oversized_manifest_is_refused(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, chunked: bool) -> None:
+    image = add_image(fake, tag="huge", pad=MANIFEST_MAX_BYTES)
+    assert len(image.manifest) > MANIFEST_MAX_BYTES
+    fake.chunked_manifests = chunked
+    mirror = await make_mirror({"docker.io": fake.url})
+
+    for reference in ("huge", image.digest):
+        refused = await pull_manifest(client, mirror, NAME, reference)
+        assert 400 <= refused.status < 600 and refused.status != 500, refused.status
+        assert refused.headers["Content-Type"].startswith("application/json")
+        assert refused.error_code() == "MANIFEST_INVALID"
+    await mirror.services.background.join()
+    assert stored_digest(mirror, image.digest) is None
+    assert tmp_files(mirror) == []
