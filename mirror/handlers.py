@@ -16,6 +16,7 @@ from contextlib import aclosing
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from mirror.errors import MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
 from mirror.proxy import CachedBlob, CacheResult, Proxy
@@ -108,17 +109,19 @@ class RegistryHandlers:
 
         blob = await request.app[PROXY].blob(route)
         if isinstance(blob, CachedBlob):
-            # sendfile, with Range (206/416) handled by aiohttp.
-            return web.FileResponse(blob.path, headers={**headers, CACHE_HEADER: CacheResult.HIT.value})
+            # sendfile, with the 206 itself left to aiohttp once the range is known to be good.
+            hit = web.FileResponse(blob.path, headers={**headers, CACHE_HEADER: CacheResult.HIT.value})
+            if "Range" in request.headers and self._range(request, blob.size) is None:
+                await hit.prepare(request.clone(headers=_without_range(request)))
+            return hit
 
         size = await blob.fill.started()
-        start, end = 0, size
-        status = 200
-        if "Range" in request.headers and size is not None:
-            start, end = self._range(request, size)
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        response = web.StreamResponse(status=status, headers={**headers, CACHE_HEADER: blob.cache.value})
+        window = self._range(request, size) if size is not None else None
+        start, end = window or (0, size)
+        response = web.StreamResponse(headers={**headers, CACHE_HEADER: blob.cache.value})
+        if window is not None:
+            response.set_status(206)
+            response.headers["Content-Range"] = f"bytes {start}-{window[1] - 1}/{size}"
         if end is not None:
             response.content_length = end - start
         else:
@@ -149,14 +152,18 @@ class RegistryHandlers:
         return response
 
     @staticmethod
-    def _range(request: web.Request, size: int) -> tuple[int, int]:
+    def _range(request: web.Request, size: int) -> tuple[int, int] | None:
+        """The one byte range asked for, as [start, stop); None where there is no Range or it
+        cannot be parsed (RFC 9110: ignore it and send the whole blob)."""
+        if "Range" not in request.headers:
+            return None
         try:
             window = request.http_range
         except ValueError:
-            return 0, size
+            return None
         start, stop = window.start, window.stop
         if start is None and stop is None:
-            return 0, size
+            return None
         if start is not None and start < 0:
             start, stop = max(size + start, 0), size
         start = start or 0
@@ -172,6 +179,12 @@ class RegistryHandlers:
         if link:
             headers["Link"] = _rewrite_link(link, request)
         return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _without_range(request: web.Request) -> CIMultiDict[str]:
+    headers = CIMultiDict(request.headers)
+    headers.popall("Range")
+    return headers
 
 
 def _rewrite_link(link: str, request: web.Request) -> str:

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -218,8 +219,7 @@ class Upstream:
 
     async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
         """The tag list body as the upstream sent it, and its Link header."""
-        query_string = "&".join(f"{k}={v}" for k, v in query.items())
-        path = f"/v2/{name}/tags/list" + (f"?{query_string}" if query_string else "")
+        path = f"/v2/{name}/tags/list" + (f"?{urlencode(query)}" if query else "")
         async with self.request("GET", path, scope=scope_for(name), kind="tags") as response:
             body = await self._read_limited(response, "tag list")
             return body, response.headers.get("Link")

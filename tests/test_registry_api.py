@@ -121,7 +121,28 @@ async def test_blob_miss_then_hit_with_ranges(make_mirror: MirrorFactory, regist
     assert (status, body) == (206, data[-50:])
     async with client.get(url, headers={"Range": f"bytes={len(data) + 10}-"}) as response:
         assert response.status == 416
+        assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+        assert await error_code(response) == "RANGE_INVALID"
     assert counting.count("GET", "blobs") == 1
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["miss", "hit"])
+@pytest.mark.parametrize("header", ["bytes=abc", "bytes=50-10", "lines=1-2"])
+async def test_malformed_range_is_ignored(cached: bool, header: str, make_mirror: MirrorFactory,
+                                          registry: Registry, counting: Counting,
+                                          client: aiohttp.ClientSession) -> None:
+    """RFC 9110: a Range that cannot be parsed is ignored, and the whole blob is sent."""
+    image = registry.images["docker"]
+    digest, data = next(iter(image.blobs.items()))
+    mirror = await make_mirror({"docker.io": counting.url})
+    url = f"{mirror.url}/v2/{image.name}/blobs/{digest}"
+    if cached:
+        await get(client, url)
+        await mirror.services.background.join()
+    status, headers, body = await get(client, url, Range=header)
+    assert (status, body) == (200, data)
+    assert "Content-Range" not in headers
+    assert headers["X-Mirror-Cache"] == ("HIT" if cached else "MISS")
 
 
 async def test_tags_list_passes_through_with_paging(make_mirror: MirrorFactory, registry: Registry,

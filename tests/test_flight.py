@@ -1,0 +1,61 @@
+"""The fill's promise to its readers, checked directly: the last byte of a blob is offered only
+after the store has verified the whole, so no client can receive a complete but wrong blob."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from mirror.errors import IntegrityError
+from mirror.flight import Fill
+from mirror.oci import Digest
+from mirror.storage import BlobStore
+
+DATA = b"0123456789" * 1000
+
+
+async def offered(fill: Fill) -> tuple[asyncio.Task[tuple[int, int]], list[int]]:
+    """A reader that records how many bytes it was offered; its first window is taken before
+    returning, the rest as the fill allows."""
+    counts: list[int] = []
+    windows = fill.windows(0, len(DATA))
+    first = await anext(windows)
+    counts.append(first[2])
+
+    async def rest() -> tuple[int, int]:
+        async for _, offset, count in windows:
+            counts.append(count)
+        return len(counts), sum(counts)
+    return asyncio.create_task(rest()), counts
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["verified", "wrong-digest"])
+async def test_last_byte_waits_for_verification(tmp_path: Path, good: bool) -> None:
+    store = BlobStore(tmp_path)
+    store.open()
+    content = DATA if good else DATA[:-1] + b"!"
+    fill = Fill(Digest(hashlib.sha256(DATA).hexdigest()), store)
+    fill.begin(len(DATA))
+    await fill.write(content)
+
+    reader, counts = await offered(fill)
+    assert sum(counts) == len(DATA) - 1, "everything but the last byte, before verification"
+    assert not reader.done()
+
+    if good:
+        await fill.commit()
+        assert await reader == (2, len(DATA))
+        assert store.path(fill.digest).read_bytes() == DATA
+    else:
+        with pytest.raises(IntegrityError):
+            await fill.commit()
+        fill.fail(IntegrityError("bad"))
+        with pytest.raises(IntegrityError):
+            await reader
+        assert sum(counts) == len(DATA) - 1
+        assert store.size(fill.digest) is None
+    fill.close()
+    assert list((tmp_path / "tmp").iterdir()) == []
