@@ -34,7 +34,6 @@ class Services:
     index: Index
     background: Background
     proxy: Proxy
-    session: aiohttp.ClientSession
 
 
 SERVICES = web.AppKey("services", Services)
@@ -61,7 +60,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         background = Background()
         upstreams = {u.name: Upstream(u, session) for u in config.upstreams}
         proxy = Proxy(store, index, upstreams, background, **({"clock": clock} if clock else {}))
-        app[SERVICES] = Services(config, store, index, background, proxy, session)
+        app[SERVICES] = Services(config, store, index, background, proxy)
         app[PROXY] = proxy
         try:
             yield

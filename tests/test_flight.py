@@ -26,7 +26,7 @@ async def offered(fill: Fill) -> tuple[asyncio.Task[tuple[int, int]], list[int]]
     counts.append(first[2])
 
     async def rest() -> tuple[int, int]:
-        async for _, offset, count in windows:
+        async for _, _, count in windows:
             counts.append(count)
         return len(counts), sum(counts)
     return asyncio.create_task(rest()), counts

@@ -64,5 +64,6 @@ async def test_inspect_through_mirror(skopeo: str, registry: Registry, counting:
     info = json.loads(await skopeo_run(skopeo, "inspect", "--tls-verify=false",
                                        f"docker://{mirror.host}/dockerlist:{image.tag}"))
     assert info["Architecture"] == "amd64"
-    amd64 = next(child for child in image.children if b'"amd64"' in image.blobs[json.loads(child.manifest)["config"]["digest"]])
+    amd64 = next(child for child in image.children
+                 if b'"amd64"' in image.blobs[json.loads(child.manifest)["config"]["digest"]])
     assert info["Layers"] == [layer["digest"] for layer in json.loads(amd64.manifest)["layers"]]
