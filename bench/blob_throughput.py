@@ -293,6 +293,19 @@ async def pull(session: aiohttp.ClientSession, url: str, expected_digest: str, e
     return Pull(seconds, ttfb or seconds, size, digest, status, cache)
 
 
+async def wait_published(url: str, timeout: float = 60.0) -> None:
+    """Until a HEAD answers from the cache: the blob is in the mirror's blob tree."""
+    deadline = time.monotonic() + timeout
+    async with client_session() as session:
+        while True:
+            async with session.head(url) as response:
+                if response.headers.get("X-Mirror-Cache") == "HIT":
+                    return
+            if time.monotonic() > deadline:
+                raise BenchError(f"blob not published within {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+
+
 def client_session(connections: int = 1) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT, sock_read=120.0),
@@ -347,6 +360,23 @@ class MemoryResult:
         return max(self.peak_rss_sampled, self.vm_hwm)
 
 
+def source_state() -> dict[str, Any]:
+    """Which mirror code was measured: the commit, whether the tree was dirty, and a hash of
+    the mirror package's sources as they were on disk (other work may be uncommitted)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    hasher = hashlib.sha256()
+    for path in sorted((REPO_ROOT / "mirror").rglob("*.py")):
+        hasher.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty_mirror_files": [line[3:] for line in git("status", "--porcelain", "--", "mirror").splitlines()],
+            "mirror_sources_sha256": hasher.hexdigest()}
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -355,12 +385,14 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.size: int = args.size
+        self.mirror_binary = find_mirror_binary()
         self.workdir = Path(tempfile.mkdtemp(prefix="mirror-bench-", dir=args.workdir))
         self.registry = LocalRegistry(self.workdir / "registry")
-        self.mirror_binary = find_mirror_binary()
         self.mirrors: list[MirrorProcess] = []
         self.digest = ""
         self._mirror_count = 0
+        self.source = source_state()
+        self.load_at_start = os.getloadavg()
 
     def blob_path(self, base_url: str) -> str:
         return f"{base_url}/v2/{REPOSITORY}/blobs/{self.digest}"
@@ -390,6 +422,8 @@ class Bench:
         log(f"pushed to {REPOSITORY} in {time.perf_counter() - started:.1f}s")
 
     def run(self) -> dict[str, Any]:
+        """`repeat` rounds of direct, cold, warm; interleaved so that drift in the machine's speed
+        (other tenants, page-cache state) hits all three alike instead of skewing one series."""
         repeat = self.args.repeat
         direct, cold, warm = Series("direct"), Series("cold"), Series("warm")
 
@@ -397,28 +431,29 @@ class Bench:
         asyncio.run(pull_once(self.blob_path(self.registry.url), self.digest, self.size))
 
         for i in range(repeat):
-            direct.runs.append(asyncio.run(pull_once(self.blob_path(self.registry.url), self.digest, self.size)))
-            log(f"direct {i + 1}/{repeat}: {direct.runs[-1].mib_s:8.1f} MiB/s  ttfb {direct.runs[-1].ttfb * 1e3:.1f} ms")
+            result = asyncio.run(pull_once(self.blob_path(self.registry.url), self.digest, self.size))
+            direct.runs.append(result)
+            log(f"round {i + 1}/{repeat} direct: {result.mib_s:8.1f} MiB/s  ttfb {result.ttfb * 1e3:7.1f} ms")
 
-        mirror = None
-        for i in range(repeat):
-            if mirror is not None:
-                self.retire(mirror)
+            # Cold: a new mirror on a new, empty cache dir every round.
             mirror = self.new_mirror()
-            result = asyncio.run(pull_once(self.blob_path(mirror.url), self.digest, self.size))
-            if result.cache != "MISS":
-                raise BenchError(f"cold pull was served as {result.cache}, expected MISS")
-            cold.runs.append(result)
-            log(f"cold   {i + 1}/{repeat}: {result.mib_s:8.1f} MiB/s  ttfb {result.ttfb * 1e3:.1f} ms")
+            try:
+                result = asyncio.run(pull_once(self.blob_path(mirror.url), self.digest, self.size))
+                if result.cache != "MISS":
+                    raise BenchError(f"cold pull was served as {result.cache}, expected MISS")
+                cold.runs.append(result)
+                log(f"round {i + 1}/{repeat} cold:   {result.mib_s:8.1f} MiB/s  ttfb {result.ttfb * 1e3:7.1f} ms")
 
-        assert mirror is not None
-        for i in range(repeat):
-            result = asyncio.run(pull_once(self.blob_path(mirror.url), self.digest, self.size))
-            if result.cache != "HIT":
-                raise BenchError(f"warm pull was served as {result.cache}, expected HIT")
-            warm.runs.append(result)
-            log(f"warm   {i + 1}/{repeat}: {result.mib_s:8.1f} MiB/s  ttfb {result.ttfb * 1e3:.1f} ms")
-        self.retire(mirror)
+                # Warm: the same mirror, once the blob is published (clients get the verified
+                # last byte before the fsync and rename, so the cold pull can end first).
+                asyncio.run(wait_published(self.blob_path(mirror.url)))
+                result = asyncio.run(pull_once(self.blob_path(mirror.url), self.digest, self.size))
+                if result.cache != "HIT":
+                    raise BenchError(f"warm pull was served as {result.cache}, expected HIT")
+                warm.runs.append(result)
+                log(f"round {i + 1}/{repeat} warm:   {result.mib_s:8.1f} MiB/s  ttfb {result.ttfb * 1e3:7.1f} ms")
+            finally:
+                self.retire(mirror)
 
         memory = self.measure_memory()
         return self.report(direct, cold, warm, memory)
@@ -445,8 +480,8 @@ class Bench:
             aggregate_mib_s=clients * self.size / MiB / wall,
             slowest_client_mib_s=min(p.mib_s for p in pulls),
             cache_results=[p.cache for p in pulls])
-        log(f"memory {clients} clients: peak RSS {result.peak_rss_sampled / MB:.1f} MB, VmHWM {result.vm_hwm / MB:.1f} MB, "
-            f"{result.aggregate_mib_s:.1f} MiB/s aggregate over {wall:.1f}s")
+        log(f"memory {clients} clients: peak RSS {result.peak_rss_sampled / MB:.1f} MB, "
+            f"VmHWM {result.vm_hwm / MB:.1f} MB, {result.aggregate_mib_s:.1f} MiB/s aggregate over {wall:.1f}s")
         return result
 
     def report(self, direct: Series, cold: Series, warm: Series, memory: MemoryResult) -> dict[str, Any]:
@@ -462,14 +497,15 @@ class Bench:
                             "pass": peak_mb < TARGET_RSS_MB},
         }
 
-        def status(ok: bool) -> str:
-            return "PASS" if ok else "FAIL"
+        def status(name: str) -> str:
+            return "PASS" if checks[name]["pass"] else "FAIL"
 
         lines = [
             "",
             f"blob {human_size(self.size)} ({self.size} bytes) {self.digest}",
             f"repeat {self.args.repeat} (median shown); {os.cpu_count()} CPUs; python {platform.python_version()}; "
-            f"aiohttp {aiohttp.__version__}",
+            f"aiohttp {aiohttp.__version__}; load average {self.load_at_start[0]:.2f} at start, "
+            f"{os.getloadavg()[0]:.2f} at end (other processes share these CPUs)",
             "",
             f"{'measurement':<34} {'MiB/s':>9} {'TTFB ms':>9} {'vs direct':>10}",
             f"{'-' * 34} {'-' * 9} {'-' * 9} {'-' * 10}",
@@ -486,15 +522,20 @@ class Bench:
             "",
             f"{'target':<34} {'value':>9} {'goal':>9} {'result':>10}",
             f"{'-' * 34} {'-' * 9} {'-' * 9} {'-' * 10}",
-            f"{'warm / direct throughput':<34} {warm_ratio:>8.2f}x {'>= 1.0x':>9} {status(warm_ratio >= TARGET_WARM):>10}",
-            f"{'cold / direct throughput':<34} {cold_ratio:>8.2f}x {'>= 0.8x':>9} {status(cold_ratio >= TARGET_COLD):>10}",
-            f"{'peak mirror RSS, MB':<34} {peak_mb:>9.1f} {'< 150':>9} {status(peak_mb < TARGET_RSS_MB):>10}",
+            f"{'warm / direct throughput':<34} {warm_ratio:>8.2f}x {'>= 1.0x':>9} {status('warm_vs_direct'):>10}",
+            f"{'cold / direct throughput':<34} {cold_ratio:>8.2f}x {'>= 0.8x':>9} {status('cold_vs_direct'):>10}",
+            f"{'peak mirror RSS, MB':<34} {peak_mb:>9.1f} {'< 150':>9} {status('peak_rss_mb'):>10}",
         ]
+        if source_state() != self.source:
+            lines += ["", "WARNING: the mirror's sources changed on disk during the run; figures may mix versions"]
         print("\n".join(lines), flush=True)
         return {
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "aiohttp": aiohttp.__version__, "platform": platform.platform()},
+                        "aiohttp": aiohttp.__version__, "platform": platform.platform(),
+                        "loadavg_1m_start": self.load_at_start[0], "loadavg_1m_end": os.getloadavg()[0]},
+            "source": self.source,
+            "source_changed_during_run": source_state() != self.source,
             "blob": {"size": self.size, "digest": self.digest, "repository": REPOSITORY},
             "repeat": self.args.repeat,
             "direct": direct.as_json(),
@@ -536,6 +577,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _terminate(signum: int, frame: object) -> None:
+    log(f"terminated by signal {signum}; stopping the mirror and the registry")
     raise SystemExit(128 + signum)
 
 
@@ -545,11 +587,15 @@ def main(argv: list[str] | None = None) -> int:
         log("docker-registry not found: apt-get install docker-registry")
         return 2
     signal.signal(signal.SIGTERM, _terminate)
-    bench = Bench(args)
+    try:
+        bench = Bench(args)
+    except FileNotFoundError as exc:
+        log(str(exc))
+        return 2
     try:
         bench.setup()
         results = bench.run()
-    except (BenchError, RuntimeError, OSError, aiohttp.ClientError) as exc:
+    except (BenchError, RuntimeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
         log(f"benchmark failed: {exc}")
         for mirror in bench.mirrors:
             tail = mirror.log_tail()

@@ -4,8 +4,8 @@ A download belongs to the mirror, not to a request: it runs as a tracked backgro
 requests only wait on it (through `asyncio.shield`), so a client that goes away stops only its
 own reading. A blob `Fill` writes into the store's temp file; readers tail that file with
 `sendfile` as it grows, so each client's first byte comes long before the download ends. Readers
-are never given the last byte until the store has verified size and digest: if verification
-fails, every client's connection ends one byte short and no client accepts bad content.
+are never given the last byte until size and digest are verified: if verification fails, every
+client's connection ends one byte short and no client accepts bad content.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ class Fill:
         self._read_fd = -1
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[int | None] = loop.create_future()
+        self._verified: asyncio.Future[None] = loop.create_future()
         self._done: asyncio.Future[None] = loop.create_future()
         self._progress = asyncio.Event()
 
@@ -113,13 +114,17 @@ class Fill:
         self._notify()
 
     async def commit(self) -> None:
+        """Verify, release the last byte to readers, then publish. Readers need not wait for
+        the fsync: what they were given is proven correct whether or not it lands on disk."""
         assert self._writer is not None
+        self._writer.verify()
+        self._verified.set_result(None)
+        self._notify()
         await self._writer.commit()
         self._done.set_result(None)
-        self._notify()
 
     def fail(self, error: BaseException) -> None:
-        for future in (self._started, self._done):
+        for future in (self._started, self._verified, self._done):
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # marked retrieved: readers may all be gone
@@ -146,8 +151,8 @@ class Fill:
         return await asyncio.shield(self._started)
 
     def _open(self) -> BinaryIO:
-        """A file of the reader's own: a duplicate descriptor of the growing file while the
-        download runs, the published file once it is done (the fill's own may be closed)."""
+        """A file of the reader's own: a duplicate descriptor of the growing file until the
+        download is over, the published file after (the fill's own may be closed by then)."""
         if not self._done.done():
             return open(os.dup(self._read_fd), "rb", buffering=0)
         if (error := self._done.exception()) is not None:
@@ -161,9 +166,9 @@ class Fill:
         with self._open() as file:
             position = start
             while end is None or position < end:
-                verified = self._done.done() and self._done.exception() is None
-                if self._done.done() and not verified:
-                    raise self._done.exception() or Unavailable("download failed")
+                verified = self._verified.done() and self._verified.exception() is None
+                if self._verified.done() and not verified:
+                    raise self._verified.exception() or Unavailable("download failed")
                 available = self.written if verified else self.written - 1
                 if end is not None:
                     available = min(available, end)

@@ -103,14 +103,17 @@ class BlobWriter:
         while view:
             view = view[os.write(self._fd, view):]
 
-    async def commit(self) -> None:
-        """Verify, make durable, publish. Raises IntegrityError and publishes nothing on a
-        mismatch."""
+    def verify(self) -> None:
+        """Raise IntegrityError unless exactly the expected bytes arrived."""
         if self.expected_size is not None and self.written != self.expected_size:
             raise IntegrityError(f"upstream sent {self.written} of {self.expected_size} bytes of {self.digest}")
         actual = self._hash.hexdigest()
         if actual != self.digest.hex:
             raise IntegrityError(f"upstream content for {self.digest} has digest sha256:{actual}")
+
+    async def commit(self) -> None:
+        """Verify, make durable, publish: nothing is published on a mismatch."""
+        self.verify()
         await asyncio.to_thread(self._publish)
         self.committed = True
 
