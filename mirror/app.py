@@ -55,7 +55,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
                                           sock_read=config.timeouts.read),
             auto_decompress=False,
             read_bufsize=UPSTREAM_READ_BUFFER,
-            headers={"User-Agent": "mirror (pull-through cache)"},
+            # Layers are already compressed and must arrive byte for byte as their digest says.
+            headers={"User-Agent": "mirror (pull-through cache)", "Accept-Encoding": "identity"},
         )
         background = Background()
         upstreams = {u.name: Upstream(u, session) for u in config.upstreams}

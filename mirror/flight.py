@@ -150,6 +150,10 @@ class Fill:
         upstream's error if it refused."""
         return await asyncio.shield(self._started)
 
+    async def verified(self) -> None:
+        """Once the whole blob is verified; raises if it failed."""
+        await asyncio.shield(self._verified)
+
     def _open(self) -> BinaryIO:
         """A file of the reader's own: a duplicate descriptor of the growing file until the
         download is over, the published file after (the fill's own may be closed by then)."""
@@ -161,19 +165,20 @@ class Fill:
 
     async def windows(self, start: int, end: int | None) -> AsyncGenerator[tuple[BinaryIO, int, int], None]:
         """Bytes [start, end) as they land, as (file, offset, count) for sendfile; end=None
-        means to the end of the blob. The last byte is only offered once verified."""
+        means to the end of the blob. The last byte of the window (even of a window that ends
+        before the blob does, or is empty) is only offered once the whole blob is verified."""
         await self.started()
         with self._open() as file:
             position = start
-            while end is None or position < end:
-                verified = self._verified.done() and self._verified.exception() is None
-                if self._verified.done() and not verified:
-                    raise self._verified.exception() or Unavailable("download failed")
-                available = self.written if verified else self.written - 1
-                if end is not None:
-                    available = min(available, end)
-                if position < available:
-                    count = min(available - position, WINDOW)
+            while True:
+                verified = self._verified.done()
+                if verified and (error := self._verified.exception()) is not None:
+                    raise error
+                limit = self.written if end is None else min(self.written, end)
+                if not verified:
+                    limit -= 1
+                if position < limit:
+                    count = min(limit - position, WINDOW)
                     yield file, position, count
                     position += count
                 elif verified:

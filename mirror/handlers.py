@@ -126,6 +126,9 @@ class RegistryHandlers:
             response.content_length = end - start
         else:
             response.enable_chunked_encoding()
+        if end == start:
+            # An empty body is complete with the headers: they must wait for verification.
+            await blob.fill.verified()
         await response.prepare(request)
         loop = asyncio.get_running_loop()
         try:

@@ -743,3 +743,45 @@ async def test_oversized_manifest_is_refused(
     await mirror.services.background.join()
     assert stored_digest(mirror, image.digest) is None
     assert tmp_files(mirror) == []
+
+
+# Review findings: no window of unverified bytes may look complete to a client.
+
+
+async def test_ranged_miss_of_a_corrupt_blob_is_cut_short(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    """A Range that ends before the blob does still waits for the whole blob's verification:
+    its last byte is never sent for content that fails its digest."""
+    data = random.Random(91).randbytes(100_000)
+    digest = fake.add_blob(data)
+    fake.blobs[digest] = random.Random(92).randbytes(100_000)  # wrong from the first byte
+    gate = asyncio.Event()
+    fake.gates[digest] = (50_000, gate)  # the range is all there while the blob is unverified
+    mirror = await make_mirror({"docker.io": fake.url})
+    async with client.get(blob_url(mirror, NAME, digest), headers={"Range": "bytes=0-99"}) as response:
+        assert response.status == 206
+        gate.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    await mirror.services.background.join()
+    assert stored_digest(mirror, digest) is None
+
+    fake.blobs[digest] = data
+    async with client.get(blob_url(mirror, NAME, digest), headers={"Range": "bytes=0-99"}) as response:
+        assert (response.status, await response.read()) == (206, data[:100])
+
+
+async def test_empty_body_for_a_non_empty_digest_is_refused(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    """Content-Length 0 makes the headers the whole response: they wait for verification."""
+    digest = "sha256:" + hashlib.sha256(b"not empty").hexdigest()
+    fake.blobs[digest] = b""
+    mirror = await make_mirror({"docker.io": fake.url})
+    refused = await pull_blob(client, mirror, NAME, digest)
+    assert refused.status == 502
+    assert refused.error_code() == "UNAVAILABLE"
+    assert stored_digest(mirror, digest) is None
+
+    empty = fake.add_blob(b"")
+    served = await pull_blob(client, mirror, NAME, empty)
+    assert (served.status, served.body) == (200, b"")

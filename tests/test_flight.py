@@ -59,3 +59,30 @@ async def test_last_byte_waits_for_verification(tmp_path: Path, good: bool) -> N
         assert store.size(fill.digest) is None
     fill.close()
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 100), (10, 11), (0, 0)], ids=["prefix", "one-byte", "empty"])
+async def test_window_inside_the_blob_waits_for_verification_too(tmp_path: Path, start: int, end: int) -> None:
+    """A Range that ends before the blob does, or an empty one, is not complete until the whole
+    blob is verified: its last byte waits, whatever the bytes before it."""
+    store = BlobStore(tmp_path)
+    store.open()
+    fill = Fill(Digest(hashlib.sha256(DATA).hexdigest()), store)
+    fill.begin(len(DATA))
+    await fill.write(DATA[:5000])
+
+    counts: list[int] = []
+    windows = fill.windows(start, end)
+
+    async def read_all() -> None:
+        async for _, _, count in windows:
+            counts.append(count)
+    reader = asyncio.create_task(read_all())
+    await fill.write(DATA[5000:])  # a write wakes the reader: it takes all it may take
+    assert sum(counts) == max(end - start - 1, 0)
+    assert not reader.done()
+
+    await fill.commit()
+    await reader
+    assert sum(counts) == end - start
+    fill.close()
