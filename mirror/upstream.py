@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
 
 from mirror.config import UpstreamConfig
 from mirror.errors import (
@@ -90,6 +91,7 @@ class Upstream:
         self._tokens: dict[str, tuple[str, float]] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False
+        self._origin = URL(config.url).origin()
 
     def _basic_credential(self) -> str | None:
         if self.config.username is None:
@@ -117,8 +119,10 @@ class Upstream:
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
             try:
-                if response.status == 401 and attempt == 1 and await self._authenticate(
-                        response, scope, credential.get("Authorization")):
+                # Only the upstream's own challenges are answered: a 401 from a host it
+                # redirected to (a CDN) never gets the mirror's credentials.
+                if (response.status == 401 and attempt == 1 and response.url.origin() == self._origin
+                        and await self._authenticate(response, scope, credential.get("Authorization"))):
                     continue
                 if response.status >= 300:
                     raise await self._error(response, kind)
@@ -146,6 +150,17 @@ class Upstream:
             return True
         return False
 
+    def _trusted_realm(self, realm: URL) -> bool:
+        """A token service the upstream's credentials may be sent to: the upstream's own
+        origin, or a sibling under its parent domain on the same scheme and port
+        (auth.docker.io for registry-1.docker.io)."""
+        upstream = self._origin
+        if realm.origin() == upstream:
+            return True
+        parent = (upstream.host or "").partition(".")[2]
+        return ("." in parent and (realm.host or "").endswith(f".{parent}")
+                and (realm.scheme, realm.port) == (upstream.scheme, upstream.port))
+
     async def _fetch_token(self, challenge: Challenge, scope: str, rejected: str | None) -> None:
         """A token for `scope`, unless a valid one other than the `rejected` one is cached (a
         concurrent request fetched it). A rejected token is replaced even if it has not expired
@@ -159,10 +174,14 @@ class Upstream:
             params = {"scope": challenge.params.get("scope", scope)}
             if "service" in challenge.params:
                 params["service"] = challenge.params["service"]
+            realm = URL(challenge.params["realm"])
             basic = self._basic_credential()
+            if basic is not None and not self._trusted_realm(realm):
+                raise Unauthorized(f"upstream {self.name} sent the mirror to an untrusted token service "
+                                   f"{realm.scheme}://{realm.host}")
             sent = {"Authorization": basic} if basic is not None else None
             try:
-                async with self._session.get(challenge.params["realm"], params=params, headers=sent) as response:
+                async with self._session.get(realm, params=params, headers=sent) as response:
                     if response.status in (401, 403):
                         raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
                     if response.status == 429:

@@ -16,13 +16,15 @@ import json
 import random
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 
 from mirror.oci import MANIFEST_MAX_BYTES, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Digest
@@ -273,6 +275,54 @@ async def test_blob_redirect_to_cdn_carries_no_authorization(
     assert any(a is not None and a.startswith("Bearer ") for a in fake.authorizations)
     await mirror.services.background.join()
     assert stored_digest(mirror, image.layers[0]) == image.layers[0]
+
+
+@pytest.fixture
+async def third_host() -> AsyncIterator[tuple[str, list[str | None]]]:
+    """Some other host on loopback, recording the Authorization of whatever reaches it."""
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.json_response({"token": "stolen"})
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", record)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/"), seen
+    await server.close()
+
+
+async def test_challenge_from_a_redirect_target_gets_no_credentials(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        third_host: tuple[str, list[str | None]]) -> None:
+    """A CDN the upstream redirects to may answer 401 and name a token service of its own: the
+    mirror's credentials must not follow."""
+    url, seen = third_host
+    fake.auth, fake.credentials, fake.redirect_blobs = "bearer", ("u", "p"), True
+    fake.cdn_challenge = f'Bearer realm="{url}/token",service="cdn"'
+    image = add_image(fake, layers=[b"layer"])
+    mirror = await make_mirror({"docker.io": fake.url}, username="u", password="p")
+    # With a token already in hand, the blob GET goes straight to the redirect.
+    assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
+    refused = await pull_blob(client, mirror, NAME, image.layers[0])
+    assert refused.status == 401
+    assert refused.error_code() == "UNAUTHORIZED"
+    assert seen == [], "nothing may reach the host the CDN named"
+
+
+async def test_credentials_go_only_to_a_trusted_token_realm(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        third_host: tuple[str, list[str | None]]) -> None:
+    url, seen = third_host
+    fake.auth, fake.credentials = "bearer", ("u", "p")
+    fake.realm = f"{url}/token"
+    add_image(fake, layers=[b"layer"])
+    mirror = await make_mirror({"docker.io": fake.url}, username="u", password="p")
+    refused = await pull_manifest(client, mirror, NAME, "latest")
+    assert refused.status == 401
+    assert b"untrusted token service" in refused.body
+    assert seen == []
 
 
 # 4. Wrong digest

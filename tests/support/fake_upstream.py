@@ -57,6 +57,10 @@ class FakeUpstream:
     gates: dict[str, tuple[int, asyncio.Event]] = field(default_factory=dict)
     """digest -> (offset, event): stop sending at offset until the event is set."""
     ignore_range: bool = False
+    realm: str | None = None
+    """The token realm to advertise instead of this registry's own /token."""
+    cdn_challenge: str | None = None
+    """A WWW-Authenticate the CDN answers every request with (a 401)."""
     url: str = ""
     cdn_url: str = ""
     _tokens: set[str] = field(default_factory=set)
@@ -100,7 +104,7 @@ class FakeUpstream:
 
     def _challenge(self, name: str) -> web.Response:
         if self.auth == "bearer":
-            value = f'Bearer realm="{self.url}/token",service="fake",scope="repository:{name}:pull"'
+            value = f'Bearer realm="{self.realm or self.url + "/token"}",service="fake",scope="repository:{name}:pull"'
         else:
             value = 'Basic realm="fake"'
         return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
@@ -165,6 +169,8 @@ class FakeUpstream:
         self.cdn_requests.append(request.headers.get("Authorization"))
         if "Authorization" in request.headers:
             return web.Response(status=400, text="Only one auth mechanism allowed")
+        if self.cdn_challenge is not None:
+            return web.Response(status=401, headers={"WWW-Authenticate": self.cdn_challenge})
         return await self._send_blob(request, request.match_info["digest"])
 
     async def _send_blob(self, request: web.Request, digest: str) -> web.StreamResponse:
