@@ -18,7 +18,8 @@ middleware in `mirror.handlers`). The tree:
     ├── Unsupported          405 UNSUPPORTED        push, delete and other writes
     ├── TooManyRequests      429 TOOMANYREQUESTS    the upstream rate-limits us (carries Retry-After)
     ├── Unavailable          503 UNAVAILABLE        the upstream is unreachable, times out or fails
-    └── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest
+    ├── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest
+    └── Internal             500 UNKNOWN            a bug in the mirror (logged with its traceback)
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class IntegrityError(MirrorError):
     is never retried as if it were a network fault."""
 
     code, status = "UNAVAILABLE", 502
+
+
+class Internal(MirrorError):
+    code, status = "UNKNOWN", 500
 
 
 class ConfigError(Exception):

@@ -16,7 +16,7 @@ import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
 from typing import Any, BinaryIO, Generic, TypeVar
 
-from mirror.errors import Unavailable
+from mirror.errors import MirrorError, Unavailable
 from mirror.oci import Digest
 from mirror.storage import BlobStore, BlobWriter
 
@@ -210,9 +210,13 @@ class Fills:
         except asyncio.CancelledError:
             fill.fail(Unavailable("the mirror is shutting down"))
             raise
-        except Exception as exc:
-            log.warning("download of %s failed: %s", fill.digest, exc)
+        except MirrorError as exc:
+            log.warning("download of %s failed: %s", fill.digest, exc.message)
             fill.fail(exc)
+        except Exception as exc:
+            # A bug, not an upstream fault: readers still get a clean error, the log the detail.
+            log.exception("download of %s failed", fill.digest)
+            fill.fail(Unavailable(f"download of {fill.digest} failed: {type(exc).__name__}"))
         finally:
             del self._fills[fill.digest]
             fill.close()

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from mirror.errors import MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
+from mirror.errors import Internal, MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
 from mirror.proxy import CachedBlob, CacheResult, Proxy
 from mirror.routing import Endpoint, Route, Router
 
@@ -52,6 +52,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = error_response(NotFound(exc.reason) if exc.status == 404 else Unsupported(exc.reason))
         response.set_status(exc.status)
         return response
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        # A bug: the client still gets OCI JSON, the log gets the traceback.
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(Internal("internal error"))
 
 
 class RegistryHandlers:

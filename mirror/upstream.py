@@ -12,6 +12,7 @@ CDN carry no Authorization (aiohttp strips it on cross-origin redirects).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -40,6 +41,8 @@ from mirror.oci import MANIFEST_MAX_BYTES, Digest
 log = logging.getLogger(__name__)
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+# An upstream's error body is read this far, for its error codes.
+_ERROR_BODY_LIMIT = 64 * 1024
 # A token is refreshed this long before the upstream says it expires.
 _TOKEN_MARGIN = 10.0
 _UNKNOWN_BY_KIND: Mapping[str, type[MirrorError]] = {
@@ -271,8 +274,12 @@ def _digest_header(response: aiohttp.ClientResponse) -> Digest | None:
 
 
 async def _error_codes(response: aiohttp.ClientResponse) -> set[str]:
+    """The OCI error codes in an upstream's error body, whatever shape (or size) it has."""
     try:
-        body = await response.json(content_type=None)
-        return {str(e.get("code")) for e in body.get("errors", []) if isinstance(e, dict)}
-    except (ValueError, aiohttp.ClientError, AttributeError):
+        body = json.loads(await response.content.read(_ERROR_BODY_LIMIT))
+    except (ValueError, aiohttp.ClientError, TimeoutError):
         return set()
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return set()
+    return {str(e.get("code")) for e in errors if isinstance(e, dict)}

@@ -325,6 +325,19 @@ async def test_credentials_go_only_to_a_trusted_token_realm(
     assert seen == []
 
 
+@pytest.mark.parametrize("body", [b'{"errors": null}', b"5", b"not json", b'{"errors": [1, {"code": 7}]}'])
+async def test_odd_upstream_error_bodies_are_still_oci_errors(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, body: bytes) -> None:
+    digest = "sha256:" + "1" * 64
+    fake.forced[f"/v2/{NAME}/manifests/latest"] = Forced(404, body=body)
+    fake.forced[f"/v2/{NAME}/blobs/{digest}"] = Forced(404, body=body)
+    mirror = await make_mirror({"docker.io": fake.url})
+    manifest = await pull_manifest(client, mirror, NAME, "latest")
+    assert (manifest.status, manifest.error_code()) == (404, "MANIFEST_UNKNOWN")
+    blob = await pull_blob(client, mirror, NAME, digest)
+    assert (blob.status, blob.error_code()) == (404, "BLOB_UNKNOWN")
+
+
 # 4. Wrong digest
 
 

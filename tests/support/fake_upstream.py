@@ -22,6 +22,8 @@ class Forced:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     times: int = 1_000_000
+    body: bytes | None = None
+    """Sent as it is, in place of an OCI error JSON."""
 
 
 @dataclass
@@ -132,6 +134,8 @@ class FakeUpstream:
             return self._challenge(name)
         if (forced := self.forced.get(path)) and forced.times > 0:
             forced.times -= 1
+            if forced.body is not None:
+                return web.Response(body=forced.body, status=forced.status, headers=forced.headers)
             return web.json_response({"errors": [{"code": "FORCED", "message": "forced"}]},
                                      status=forced.status, headers=forced.headers)
         if kind == "manifests":
