@@ -130,11 +130,11 @@ class Fill:
                 future.exception()  # marked retrieved: readers may all be gone
         self._notify()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if not self._done.done():
             self.fail(Unavailable(f"download of {self.digest} ended without publishing"))
         if self._writer is not None:
-            self._writer.discard()
+            await self._writer.discard()
         if self._read_fd >= 0:
             os.close(self._read_fd)
             self._read_fd = -1
@@ -219,4 +219,4 @@ class Fills:
             fill.fail(Unavailable(f"download of {fill.digest} failed: {type(exc).__name__}"))
         finally:
             del self._fills[fill.digest]
-            fill.close()
+            await fill.close()

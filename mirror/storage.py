@@ -18,7 +18,9 @@ import asyncio
 import hashlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mirror.errors import IntegrityError
 from mirror.oci import Digest
@@ -64,7 +66,7 @@ class BlobStore:
             await writer.write(data)
             await writer.commit()
         finally:
-            writer.discard()
+            await writer.discard()
 
     def writer(self, digest: Digest, expected_size: int | None) -> BlobWriter:
         self.path(digest).parent.mkdir(exist_ok=True)
@@ -85,6 +87,7 @@ class BlobWriter:
         self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.written = 0
         self.committed = False
+        self._pending: asyncio.Future[None] | None = None
 
     def open_reader(self) -> int:
         """A read-only descriptor on the growing file, for readers that tail it with pread.
@@ -94,8 +97,14 @@ class BlobWriter:
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.expected_size is not None and self.written + len(data) > self.expected_size:
             raise IntegrityError(f"upstream sent more than the {self.expected_size} bytes of {self.digest}")
-        await asyncio.to_thread(self._absorb, data)
+        await self._in_thread(self._absorb, data)
         self.written += len(data)
+
+    async def _in_thread(self, work: Callable[..., None], *args: Any) -> None:
+        """Blocking file work in a worker thread. A thread cannot be cancelled, so the work is
+        shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
+        self._pending = asyncio.ensure_future(asyncio.to_thread(work, *args))
+        await asyncio.shield(self._pending)
 
     def _absorb(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)
@@ -114,7 +123,7 @@ class BlobWriter:
     async def commit(self) -> None:
         """Verify, make durable, publish: nothing is published on a mismatch."""
         self.verify()
-        await asyncio.to_thread(self._publish)
+        await self._in_thread(self._publish)
         self.committed = True
 
     def _publish(self) -> None:
@@ -126,8 +135,13 @@ class BlobWriter:
         finally:
             os.close(directory)
 
-    def discard(self) -> None:
-        """Close the descriptor; remove the temp file unless it was published."""
+    async def discard(self) -> None:
+        """Close the descriptor once no thread uses it; remove the temp file unless it was
+        published."""
+        if self._pending is not None:
+            await asyncio.wait([self._pending])
+            if not self._pending.cancelled():
+                self._pending.exception()  # seen here if its caller was cancelled
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

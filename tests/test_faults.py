@@ -848,3 +848,20 @@ async def test_empty_body_for_a_non_empty_digest_is_refused(
     empty = fake.add_blob(b"")
     served = await pull_blob(client, mirror, NAME, empty)
     assert (served.status, served.body) == (200, b"")
+
+
+async def test_shutdown_mid_download_leaves_nothing_partial(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    data = random.Random(93).randbytes(4 * MiB)
+    digest = fake.add_blob(data)
+    gate = asyncio.Event()
+    fake.gates[digest] = (2 * MiB, gate)
+    mirror = await make_mirror({"docker.io": fake.url})
+    async with client.get(blob_url(mirror, NAME, digest)) as response:
+        assert response.status == 200
+        assert await response.content.readany()
+        await mirror.services.background.close()  # what shutdown does to downloads still running
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert stored_digest(mirror, digest) is None
+    assert tmp_files(mirror) == []

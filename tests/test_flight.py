@@ -57,7 +57,7 @@ async def test_last_byte_waits_for_verification(tmp_path: Path, good: bool) -> N
             await reader
         assert sum(counts) == len(DATA) - 1
         assert store.size(fill.digest) is None
-    fill.close()
+    await fill.close()
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
@@ -85,4 +85,4 @@ async def test_window_inside_the_blob_waits_for_verification_too(tmp_path: Path,
     await fill.commit()
     await reader
     assert sum(counts) == end - start
-    fill.close()
+    await fill.close()
