@@ -13,7 +13,6 @@ and what is served stale because the upstream failed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -21,9 +20,17 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
-import aiohttp
-
-from mirror.errors import IntegrityError, ManifestUnknown, TooManyRequests, Unavailable
+from mirror.errors import (
+    BlobUnknown,
+    Denied,
+    IntegrityError,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from mirror.flight import Background, Coalescer, Fill, Fills
 from mirror.index import Index, TagRecord
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, manifest_media_type, manifest_references
@@ -34,9 +41,6 @@ from mirror.upstream import Upstream
 log = logging.getLogger(__name__)
 
 ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
-# Resume attempts in a row that bring no new bytes before a download is given up.
-MAX_RESUME_ATTEMPTS = 5
-RESUME_BACKOFF = 0.5
 
 
 class CacheResult(Enum):
@@ -110,12 +114,16 @@ class Proxy:
         if self._clock() - record.checked_at < route.upstream.tag_ttl:
             return cached
         try:
-            return await self._fetches.run(
+            result = await self._fetches.run(
                 ("revalidate", upstream.name, route.name, reference.tag),
                 lambda: self._revalidate(upstream, route.name, reference, cached))
-        except (Unavailable, TooManyRequests) as exc:
+        except (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid) as exc:
             log.warning("serving %s/%s:%s stale: %s", upstream.name, route.name, reference.tag, exc.message)
             return replace(cached, cache=CacheResult.STALE)
+        if not accepts(accept, result.media_type):
+            # The tag moved to a kind of manifest this client does not take.
+            return await self._fetch_manifest(upstream, route.name, reference, upstream_accept, tag_it=False)
+        return result
 
     async def _revalidate(self, upstream: Upstream, name: str, reference: Reference,
                           cached: ManifestResult) -> ManifestResult:
@@ -161,6 +169,7 @@ class Proxy:
     # Blobs
 
     async def blob(self, route: Route) -> CachedBlob | StreamingBlob:
+        """A cached blob, or a download under way whose upstream has answered."""
         upstream = self._upstreams[route.upstream.name]
         digest = _digest_of(route)
         if self._store.size(digest) is not None or self.fills.active(digest) is not None:
@@ -170,8 +179,16 @@ class Proxy:
             if size is not None:
                 return CachedBlob(self._store.path(digest), size, digest)
             if (fill := self.fills.active(digest)) is not None:
-                return StreamingBlob(fill, CacheResult.JOINED)
-        fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
+                try:
+                    await fill.started()
+                    return StreamingBlob(fill, CacheResult.JOINED)
+                except (BlobUnknown, NameUnknown, Denied, Unauthorized):
+                    # The repository that started it was refused; this one was confirmed.
+                    pass
+        fill = self.fills.active(digest) or self.fills.start(
+            digest, lambda f: self._download_blob(upstream, route.name, f))
+        await fill.started()
+        await self._index.link(upstream.name, route.name, digest)
         return StreamingBlob(fill, CacheResult.MISS)
 
     async def blob_head(self, route: Route) -> BlobHead:
@@ -185,36 +202,7 @@ class Proxy:
         return BlobHead(head.size, CacheResult.MISS)
 
     async def _download_blob(self, upstream: Upstream, name: str, fill: Fill) -> None:
-        """Stream the blob into the fill, resuming with a Range request when the upstream
-        connection drops after the first byte."""
-        failures = 0
-        while True:
-            before = fill.written
-            try:
-                async with upstream.open_blob(name, fill.digest, offset=fill.written) as response:
-                    if not fill.begun:
-                        fill.begin(response.content_length)
-                        await self._index.link(upstream.name, name, fill.digest)
-                    skip = _bytes_to_skip(response, fill)
-                    # Everything buffered so far, in one piece: large under load (the socket
-                    # fills the buffer while the last piece is hashed and written), prompt
-                    # when the upstream trickles.
-                    async for chunk in response.content.iter_any():
-                        if skip:
-                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-                        if chunk:
-                            await fill.write(chunk)
-                if fill.size is None or fill.written == fill.size:
-                    break
-                raise Unavailable(f"upstream {upstream.name} ended {fill.digest} after {fill.written} bytes")
-            except (TimeoutError, aiohttp.ClientError, Unavailable) as exc:
-                if not fill.begun:
-                    raise
-                failures = 0 if fill.written > before else failures + 1
-                if failures >= MAX_RESUME_ATTEMPTS:
-                    raise Unavailable(f"upstream {upstream.name} keeps failing on {fill.digest}") from exc
-                log.info("resuming %s at byte %d after: %r", fill.digest, fill.written, exc)
-                await asyncio.sleep(RESUME_BACKOFF * failures)
+        await upstream.fetch_blob(name, fill.digest, fill)
         await fill.commit()
 
     async def _ensure_visible(self, upstream: Upstream, name: str, digest: Digest, kind: str) -> None:
@@ -234,19 +222,3 @@ class Proxy:
 def _digest_of(route: Route) -> Digest:
     assert route.reference is not None and route.reference.digest is not None
     return route.reference.digest
-
-
-def _bytes_to_skip(response: aiohttp.ClientResponse, fill: Fill) -> int:
-    """How much of a resumed response repeats what is already written: none if the upstream
-    honoured the Range, all of it if it sent the whole blob again."""
-    if fill.written == 0:
-        return 0
-    if response.status == 206:
-        content_range = response.headers.get("Content-Range", "")
-        start = content_range.removeprefix("bytes ").split("-", 1)[0]
-        if start != str(fill.written):
-            raise Unavailable(f"upstream answered a resume with the wrong range {content_range!r}")
-        return 0
-    if fill.size is not None and response.content_length not in (None, fill.size):
-        raise IntegrityError(f"upstream changed the size of {fill.digest} between two requests")
-    return fill.written

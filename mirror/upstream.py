@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlencode
 
 import aiohttp
@@ -28,6 +29,7 @@ from mirror.config import UpstreamConfig
 from mirror.errors import (
     BlobUnknown,
     Denied,
+    IntegrityError,
     ManifestInvalid,
     ManifestUnknown,
     MirrorError,
@@ -41,6 +43,9 @@ from mirror.oci import MANIFEST_MAX_BYTES, Digest
 log = logging.getLogger(__name__)
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+# Resume attempts in a row that bring no new bytes before a download is given up.
+MAX_RESUME_ATTEMPTS = 5
+RESUME_BACKOFF = 0.5
 # An upstream's error body is read this far, for its error codes.
 _ERROR_BODY_LIMIT = 64 * 1024
 # A token is refreshed this long before the upstream says it expires.
@@ -63,6 +68,19 @@ class Challenge:
         params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
                   for m in _CHALLENGE_PARAM_RE.finditer(rest)}
         return cls(scheme.lower(), params)
+
+
+class BlobSink(Protocol):
+    """Where a blob download goes: the upstream client only announces and appends."""
+
+    @property
+    def begun(self) -> bool: ...
+    @property
+    def written(self) -> int: ...
+    @property
+    def size(self) -> int | None: ...
+    def begin(self, size: int | None) -> None: ...
+    async def write(self, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,14 +248,39 @@ class Upstream:
                                 headers={"Accept": accept} if accept else None) as response:
             return Head(_digest_header(response), response.headers.get("Content-Type"), response.content_length)
 
-    @asynccontextmanager
-    async def open_blob(self, name: str, digest: Digest, offset: int = 0) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A blob response; asks for a Range from `offset` on. The caller checks whether the
-        upstream honoured it (206) or sent the whole blob again (200)."""
-        headers = {"Range": f"bytes={offset}-"} if offset else None
-        async with self.request("GET", f"/v2/{name}/blobs/{digest}", scope=scope_for(name), kind="blob",
-                                headers=headers) as response:
-            yield response
+    async def fetch_blob(self, name: str, digest: Digest, sink: BlobSink) -> None:
+        """Stream a blob into `sink`, resuming with a Range request from what it holds when the
+        connection drops after the first byte."""
+        failures = 0
+        while True:
+            before = sink.written
+            headers = {"Range": f"bytes={sink.written}-"} if sink.written else None
+            try:
+                async with self.request("GET", f"/v2/{name}/blobs/{digest}", scope=scope_for(name), kind="blob",
+                                        headers=headers) as response:
+                    if not sink.begun:
+                        sink.begin(response.content_length)
+                    skip = _bytes_to_skip(response, sink, digest)
+                    # Everything buffered so far, in one piece: large under load (the socket
+                    # fills the buffer while the last piece is hashed and written), prompt
+                    # when the upstream trickles.
+                    async for chunk in response.content.iter_any():
+                        if skip:
+                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                        if chunk:
+                            await sink.write(chunk)
+                if sink.size is None or sink.written == sink.size:
+                    return
+                raise Unavailable(f"upstream {self.name} ended {digest} after {sink.written} bytes")
+            except (TimeoutError, aiohttp.ClientError, Unavailable) as exc:
+                if not sink.begun:
+                    raise exc if isinstance(exc, Unavailable) else Unavailable(
+                        f"upstream {self.name} failed on {digest}: {type(exc).__name__}") from exc
+                failures = 0 if sink.written > before else failures + 1
+                if failures >= MAX_RESUME_ATTEMPTS:
+                    raise Unavailable(f"upstream {self.name} keeps failing on {digest}") from exc
+                log.info("resuming %s at byte %d after: %r", digest, sink.written, exc)
+                await asyncio.sleep(RESUME_BACKOFF * failures)
 
     async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
         """The tag list body as the upstream sent it, and its Link header."""
@@ -261,6 +304,22 @@ class Upstream:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"upstream {self.name} failed mid-{what}: {type(exc).__name__}") from exc
         return bytes(body)
+
+
+def _bytes_to_skip(response: aiohttp.ClientResponse, sink: BlobSink, digest: Digest) -> int:
+    """How much of a resumed response repeats what the sink holds: none if the upstream
+    honoured the Range, all of it if it sent the whole blob again."""
+    if sink.written == 0:
+        return 0
+    if response.status == 206:
+        content_range = response.headers.get("Content-Range", "")
+        start = content_range.removeprefix("bytes ").split("-", 1)[0]
+        if start != str(sink.written):
+            raise Unavailable(f"upstream answered a resume with the wrong range {content_range!r}")
+        return 0
+    if sink.size is not None and response.content_length not in (None, sink.size):
+        raise IntegrityError(f"upstream changed the size of {digest} between two requests")
+    return sink.written
 
 
 def _digest_header(response: aiohttp.ClientResponse) -> Digest | None:

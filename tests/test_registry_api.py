@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from tests.conftest import Counting, MirrorFactory, Registry
-from tests.support.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.support.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, push_image, push_index, random_layer
 
 ACCEPT_ALL = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 
@@ -296,3 +296,23 @@ async def test_registry_host_prefix_and_ns_route_to_the_named_upstream(
         status, _, body = await get(client, url, Accept=ACCEPT_ALL)
         assert (status, body) == (200, image.manifest)
     assert counting.count("GET", "manifests") == 1
+
+
+async def test_moved_tag_is_checked_against_each_clients_accept(
+        make_mirror: MirrorFactory, registry: Registry, counting: Counting, client: aiohttp.ClientSession) -> None:
+    """A tag that moves from a Docker manifest to an OCI index must not reach a client that
+    only takes Docker manifests as an index."""
+    await asyncio.to_thread(push_image, registry.url, "library/moving", "1", layers=[random_layer(64, 8)],
+                            media_type="docker")
+    now = [0.0]
+    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=10, clock=lambda: now[0])
+    url = f"{mirror.url}/v2/moving/manifests/1"
+    status, headers, _ = await get(client, url, Accept=ACCEPT_ALL)
+    assert (status, headers["Content-Type"]) == (200, DOCKER_MANIFEST)
+
+    await asyncio.to_thread(push_index, registry.url, "library/moving", "1", platforms=[("linux", "amd64")])
+    now[0] += 60
+    async with client.get(url, headers={"Accept": DOCKER_MANIFEST}) as response:
+        assert response.status == 404 or response.headers["Content-Type"] == DOCKER_MANIFEST
+    status, headers, _ = await get(client, url, Accept=ACCEPT_ALL)
+    assert (status, headers["Content-Type"]) == (200, OCI_INDEX)
