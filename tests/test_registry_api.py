@@ -12,7 +12,15 @@ import pytest
 from yarl import URL
 
 from tests.conftest import Counting, MirrorFactory, Registry
-from tests.support.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, push_image, push_index, random_layer
+from tests.support.images import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    push_image,
+    push_index,
+    random_layer,
+)
 
 ACCEPT_ALL = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 
