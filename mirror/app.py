@@ -50,17 +50,18 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
             log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
         index = Index(config.cache_dir / "index.db")
         await index.open()
-        session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
-                                          sock_read=config.timeouts.read),
-            auto_decompress=False,
-            read_bufsize=UPSTREAM_READ_BUFFER,
-            # Layers are already compressed and must arrive byte for byte as their digest says.
-            headers={"User-Agent": "mirror (pull-through cache)", "Accept-Encoding": "identity"},
-        )
+        timeouts = config.timeouts
+        # Small requests: waiting for a connection counts against the connect limit, so a
+        # revalidation fails over to the cached copy instead of queueing.
+        session = _upstream_session(aiohttp.ClientTimeout(
+            total=None, connect=timeouts.connect, sock_read=timeouts.read))
+        # Blob downloads: single-flight already bounds them to one per digest in demand, and a
+        # download may take as long as it takes while bytes keep coming.
+        blob_session = _upstream_session(aiohttp.ClientTimeout(
+            total=None, sock_connect=timeouts.connect, sock_read=timeouts.read), aiohttp.TCPConnector(limit=0))
         background = Background()
-        upstreams = {u.name: Upstream(u, session) for u in config.upstreams}
-        proxy = Proxy(store, index, upstreams, background, **({"clock": clock} if clock else {}))
+        upstreams = {u.name: Upstream(u, session, blob_session) for u in config.upstreams}
+        proxy = Proxy(store, index, upstreams, background, revalidate_timeout=timeouts.revalidate, clock=clock)
         app[SERVICES] = Services(config, store, index, background, proxy)
         app[PROXY] = proxy
         try:
@@ -68,7 +69,16 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         finally:
             await background.close()
             await session.close()
+            await blob_session.close()
             await index.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def _upstream_session(timeout: aiohttp.ClientTimeout,
+                      connector: aiohttp.BaseConnector | None = None) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=UPSTREAM_READ_BUFFER,
+        # Layers are already compressed and must arrive byte for byte as their digest says.
+        headers={"User-Agent": "mirror (pull-through cache)", "Accept-Encoding": "identity"})

@@ -50,6 +50,8 @@ class TimeoutConfig:
 
     connect: float = 10.0
     read: float = 60.0
+    revalidate: float = 5.0
+    """How long a cached tag's revalidation may take before the cached copy is served stale."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,10 +275,11 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
 
     if (timeouts := root.data.get("upstream_timeouts")) is not None:
         section = _Section(timeouts, "upstream_timeouts")
-        section.check_keys({"connect", "read"})
+        section.check_keys({"connect", "read", "revalidate"})
         config = replace(config, timeouts=TimeoutConfig(
             connect=parse_duration(section.data.get("connect", 10), section.at("connect")),
-            read=parse_duration(section.data.get("read", 60), section.at("read"))))
+            read=parse_duration(section.data.get("read", 60), section.at("read")),
+            revalidate=parse_duration(section.data.get("revalidate", 5), section.at("revalidate"))))
     _validate(config)
     return config
 

@@ -13,6 +13,7 @@ and what is served stale because the upstream failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -81,11 +82,13 @@ class BlobHead:
 
 class Proxy:
     def __init__(self, store: BlobStore, index: Index, upstreams: Mapping[str, Upstream],
-                 background: Background, clock: Callable[[], float] = time.time) -> None:
+                 background: Background, revalidate_timeout: float = 5.0,
+                 clock: Callable[[], float] | None = None) -> None:
         self._store = store
         self._index = index
         self._upstreams = upstreams
-        self._clock = clock
+        self._revalidate_timeout = revalidate_timeout
+        self._clock = clock or time.time
         self.fills = Fills(store, background)
         self._fetches: Coalescer[tuple[str, ...], ManifestResult] = Coalescer(background)
 
@@ -114,11 +117,15 @@ class Proxy:
         if self._clock() - record.checked_at < route.upstream.tag_ttl:
             return cached
         try:
-            result = await self._fetches.run(
-                ("revalidate", upstream.name, route.name, reference.tag),
-                lambda: self._revalidate(upstream, route.name, reference, cached))
-        except (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid) as exc:
-            log.warning("serving %s/%s:%s stale: %s", upstream.name, route.name, reference.tag, exc.message)
+            # A slow upstream is treated like a failing one; the revalidation itself goes on in
+            # the background and updates the tag when it ends.
+            async with asyncio.timeout(self._revalidate_timeout):
+                result = await self._fetches.run(
+                    ("revalidate", upstream.name, route.name, reference.tag),
+                    lambda: self._revalidate(upstream, route.name, reference, cached))
+        except (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, TimeoutError) as exc:
+            log.warning("serving %s/%s:%s stale: %s", upstream.name, route.name, reference.tag,
+                        getattr(exc, "message", "revalidation timed out"))
             return replace(cached, cache=CacheResult.STALE)
         if not accepts(accept, result.media_type):
             # The tag moved to a kind of manifest this client does not take.

@@ -105,10 +105,14 @@ def scope_for(name: str) -> str:
 class Upstream:
     """One upstream registry, over an aiohttp session the app owns."""
 
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
+                 blob_session: aiohttp.ClientSession) -> None:
+        """`blob_session` carries blob downloads, which hold a connection for as long as they
+        take; `session` everything else, so a manifest never queues behind layers."""
         self.config = config
         self.name = config.name
         self._session = session
+        self._blob_session = blob_session
         self._tokens: dict[str, tuple[str, float]] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False
@@ -132,11 +136,12 @@ class Upstream:
                       headers: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """A response with a 2xx status; every other outcome is raised as a domain error."""
         url = f"{self.config.url}{path}"
+        session = self._blob_session if kind == "blob" and method == "GET" else self._session
         for attempt in (1, 2):
             credential = self._auth_header(scope)
             sent = {**(headers or {}), **credential}
             try:
-                response = await self._session.request(method, url, headers=sent)
+                response = await session.request(method, url, headers=sent)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
             try:

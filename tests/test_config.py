@@ -25,7 +25,7 @@ def test_example_config_loads_with_every_documented_key() -> None:
     assert (hub.name, hub.url, hub.aliases, hub.tag_ttl, hub.library_prefix) == (
         "docker.io", DOCKER_HUB_URL, ("hub",), 300.0, True)
     assert (ghcr.name, ghcr.tag_ttl, ghcr.library_prefix) == ("ghcr.io", 600.0, False)
-    assert (config.timeouts.connect, config.timeouts.read) == (10.0, 60.0)
+    assert (config.timeouts.connect, config.timeouts.read, config.timeouts.revalidate) == (10.0, 60.0, 5.0)
 
 
 def test_defaults_mean_docker_hub() -> None:

@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDictProxy
 
+from mirror.config import TimeoutConfig
 from mirror.oci import MANIFEST_MAX_BYTES, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Digest
 from tests.conftest import Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream, Forced
@@ -865,3 +866,39 @@ async def test_shutdown_mid_download_leaves_nothing_partial(
             await response.read()
     assert stored_digest(mirror, digest) is None
     assert tmp_files(mirror) == []
+
+
+async def test_slow_revalidation_serves_the_cached_tag_stale(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    """Slow is treated like down: past its bound, a revalidation gives way to the cached copy."""
+    image = add_image(fake, layers=[b"layer"])
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0, timeouts=TimeoutConfig(revalidate=0.2))
+    assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
+    gate = asyncio.Event()
+    fake.forced[f"/v2/{NAME}/manifests/latest"] = Forced(500, gate=gate)
+    stale = await pull_manifest(client, mirror, NAME, "latest")
+    assert (stale.status, stale.body, stale.headers[CACHE]) == (200, image.manifest, "STALE")
+    gate.set()
+
+
+async def test_manifests_do_not_queue_behind_layer_downloads(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    """More layer downloads in flight than a connection pool holds: a manifest, and the
+    revalidation of a cached tag, still go straight to the upstream."""
+    gate = asyncio.Event()
+    digests = [fake.add_blob(random.Random(100 + i).randbytes(64 * 1024)) for i in range(120)]
+    for digest in digests:
+        fake.gates[digest] = (1024, gate)
+    image = add_image(fake, layers=[b"layer"])
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0)
+    assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as many:
+        responses = await asyncio.gather(*(many.get(blob_url(mirror, NAME, d)) for d in digests))
+        assert all(r.status == 200 for r in responses), "every download has its upstream connection"
+        revalidated = await pull_manifest(client, mirror, NAME, "latest")
+        assert (revalidated.status, revalidated.body, revalidated.headers[CACHE]) == (
+            200, image.manifest, "REVALIDATED")
+        gate.set()
+        for response in responses:
+            await response.read()
+            response.release()

@@ -24,6 +24,8 @@ class Forced:
     times: int = 1_000_000
     body: bytes | None = None
     """Sent as it is, in place of an OCI error JSON."""
+    gate: asyncio.Event | None = None
+    """Answer only once this is set: an upstream that is slow to respond."""
 
 
 @dataclass
@@ -134,6 +136,8 @@ class FakeUpstream:
             return self._challenge(name)
         if (forced := self.forced.get(path)) and forced.times > 0:
             forced.times -= 1
+            if forced.gate is not None:
+                await forced.gate.wait()
             if forced.body is not None:
                 return web.Response(body=forced.body, status=forced.status, headers=forced.headers)
             return web.json_response({"errors": [{"code": "FORCED", "message": "forced"}]},
