@@ -120,7 +120,7 @@ class Fill:
         self._writer.verify()
         self._verified.set_result(None)
         self._notify()
-        await self._writer.commit()
+        await self._writer.publish()
         self._done.set_result(None)
 
     def fail(self, error: BaseException) -> None:

@@ -77,7 +77,10 @@ class RegistryHandlers:
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         # The raw path, decoded once: `%2e%2e` becomes `..` and then fails the name grammar.
-        path = unquote(request.raw_path.split("?", 1)[0])[len("/v2/"):]
+        raw = unquote(request.raw_path.split("?", 1)[0])
+        if not raw.startswith("/v2/"):
+            raise NotFound("no registry API endpoint at this path")
+        path = raw[len("/v2/"):]
         route = self._router.resolve(path, request.query.get("ns"))
         if request.method not in ("GET", "HEAD") or route.endpoint is Endpoint.UPLOAD:
             raise Unsupported(f"{request.method} is not supported: this is a read-only pull-through mirror")

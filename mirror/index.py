@@ -3,8 +3,10 @@ to reference which content.
 
 SQLite (WAL) in one file next to the blobs; every call runs on one dedicated thread, so the
 event loop never blocks on the database and the connection is never shared across threads.
-The index is written only after the blob it names is published, so after a crash it can name
-at most content that is missing (treated as a miss), never content that is wrong.
+Manifest and tag rows are written only after the bytes they name are published, so after a
+crash the index can name at most content that is missing (treated as a miss), never content
+that is wrong. A repository link records what the upstream confirmed that repository may see,
+which holds whether or not the bytes are cached yet.
 """
 
 from __future__ import annotations

@@ -123,6 +123,10 @@ class BlobWriter:
     async def commit(self) -> None:
         """Verify, make durable, publish: nothing is published on a mismatch."""
         self.verify()
+        await self.publish()
+
+    async def publish(self) -> None:
+        """Make durable and publish what `verify` accepted."""
         await self._in_thread(self._publish)
         self.committed = True
 

@@ -94,7 +94,6 @@ class Manifest:
 @dataclass(frozen=True, slots=True)
 class Head:
     digest: Digest | None
-    media_type: str | None
     size: int | None
 
 
@@ -251,7 +250,7 @@ class Upstream:
         path = f"/v2/{name}/{'manifests' if kind == 'manifest' else 'blobs'}/{reference}"
         async with self.request("HEAD", path, scope=scope_for(name), kind=kind,
                                 headers={"Accept": accept} if accept else None) as response:
-            return Head(_digest_header(response), response.headers.get("Content-Type"), response.content_length)
+            return Head(_digest_header(response), response.content_length)
 
     async def fetch_blob(self, name: str, digest: Digest, sink: BlobSink) -> None:
         """Stream a blob into `sink`, resuming with a Range request from what it holds when the
