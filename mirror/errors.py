@@ -18,12 +18,14 @@ middleware in `mirror.handlers`). The tree:
     ├── Unsupported          405 UNSUPPORTED        push, delete and other writes
     ├── TooManyRequests      429 TOOMANYREQUESTS    the upstream rate-limits us (carries Retry-After)
     ├── Unavailable          503 UNAVAILABLE        the upstream is unreachable, times out or fails
+    │   └── CacheWriteError                         the cache cannot take the bytes (disk full, I/O)
     ├── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest
     └── Internal             500 UNKNOWN            a bug in the mirror (logged with its traceback)
 """
 
 from __future__ import annotations
 
+import errno
 from typing import ClassVar
 
 
@@ -102,6 +104,17 @@ class TooManyRequests(MirrorError):
 
 class Unavailable(MirrorError):
     code, status = "UNAVAILABLE", 503
+
+
+class CacheWriteError(Unavailable):
+    """The cache's disk refused a write: the fill fails, nothing is published, and what is
+    already cached is still served."""
+
+    def __init__(self, error: OSError) -> None:
+        if error.errno == errno.ENOSPC:
+            super().__init__("the cache disk is full")
+        else:
+            super().__init__(f"cannot write to the cache: {error.strerror}")
 
 
 class IntegrityError(MirrorError):

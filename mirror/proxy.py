@@ -3,8 +3,8 @@ and what is served stale because the upstream failed.
 
 - A digest is immutable: once cached it is served without asking the upstream.
 - A tag younger than its upstream's TTL is served from the cache; an older one is revalidated
-  with a HEAD and fetched again only if its digest moved. If the upstream is down, errors or
-  rate-limits, the cached tag is served stale.
+  with a HEAD and fetched again only if its digest moved. If the upstream is down, slow,
+  errors or rate-limits, the cached tag is served stale.
 - Cached content is served for a repository only if that repository is known to reference it,
   or the upstream confirms it with a HEAD in that repository's scope (design invariant 5).
 - A miss on a blob starts (or joins) one `Fill` per digest; a miss on a manifest is one

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mirror.errors import IntegrityError
+from mirror.errors import CacheWriteError, IntegrityError
 from mirror.oci import Digest
 
 
@@ -69,9 +69,12 @@ class BlobStore:
             await writer.discard()
 
     def writer(self, digest: Digest, expected_size: int | None) -> BlobWriter:
-        self.path(digest).parent.mkdir(exist_ok=True)
         temp = self._tmp / f"{digest.hex}.{secrets.token_hex(8)}.part"
-        return BlobWriter(digest, expected_size, temp, self.path(digest))
+        try:
+            self.path(digest).parent.mkdir(exist_ok=True)
+            return BlobWriter(digest, expected_size, temp, self.path(digest))
+        except OSError as exc:
+            raise CacheWriteError(exc) from exc
 
 
 class BlobWriter:
@@ -104,7 +107,10 @@ class BlobWriter:
         """Blocking file work in a worker thread. A thread cannot be cancelled, so the work is
         shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
         self._pending = asyncio.ensure_future(asyncio.to_thread(work, *args))
-        await asyncio.shield(self._pending)
+        try:
+            await asyncio.shield(self._pending)
+        except OSError as exc:
+            raise CacheWriteError(exc) from exc
 
     def _absorb(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)
