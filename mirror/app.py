@@ -3,7 +3,9 @@ application (no module globals), so tests can run several mirrors in one process
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -21,6 +23,8 @@ from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
+# How often access times are written to the index, in one transaction.
+ACCESS_FLUSH_INTERVAL = 10.0
 # Big enough that the download loop hands the hasher and disk megabyte-sized writes.
 UPSTREAM_READ_BUFFER = 4 << 20
 
@@ -48,8 +52,13 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         swept = store.open()
         if swept:
             log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
-        index = Index(config.cache_dir / "index.db")
+        index = Index(config.cache_dir / "index.db", clock=clock)
         await index.open()
+        reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
+        if reconciled.added or reconciled.removed:
+            log.info("index reconciled with the cache: %d blobs added, %d removed",
+                     reconciled.added, reconciled.removed)
+        flusher = asyncio.get_running_loop().create_task(_flush_access(index), name="flush access times")
         timeouts = config.timeouts
         # Small requests: waiting for a connection counts against the connect limit, so a
         # revalidation fails over to the cached copy instead of queueing.
@@ -67,6 +76,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         try:
             yield
         finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
             await background.close()
             await session.close()
             await blob_session.close()
@@ -82,3 +93,13 @@ def _upstream_session(timeout: aiohttp.ClientTimeout,
         connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=UPSTREAM_READ_BUFFER,
         # Layers are already compressed and must arrive byte for byte as their digest says.
         headers={"User-Agent": "mirror (pull-through cache)", "Accept-Encoding": "identity"})
+
+
+async def _flush_access(index: Index) -> None:
+    while True:
+        await asyncio.sleep(ACCESS_FLUSH_INTERVAL)
+        try:
+            await index.flush_access()
+        except sqlite3.Error as exc:
+            # Access times only order eviction: losing one batch is no reason to stop.
+            log.warning("could not record access times: %s", exc)

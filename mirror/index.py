@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,25 @@ CREATE TABLE IF NOT EXISTS links (
     digest TEXT NOT NULL,
     PRIMARY KEY (upstream, name, digest)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    last_access REAL NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS refs (
+    parent TEXT NOT NULL,
+    child TEXT NOT NULL,
+    PRIMARY KEY (parent, child)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_by_child ON refs (child);
+"""
+# Every digest a manifest reaches, itself included: an image's whole content.
+_TREE = """
+WITH RECURSIVE tree(digest) AS (
+    SELECT :root UNION SELECT refs.child FROM refs JOIN tree ON refs.parent = tree.digest
+)
+SELECT COUNT(blobs.digest), COALESCE(SUM(blobs.size), 0) FROM tree JOIN blobs ON blobs.digest = tree.digest
 """
 
 
@@ -51,11 +71,38 @@ class TagRecord:
     checked_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class CachedImage:
+    """A cached tag as an operator sees it."""
+
+    upstream: str
+    name: str
+    tag: str
+    digest: str
+    media_type: str
+    blobs: int
+    size: int
+    """Bytes on disk for the manifest and everything it reaches (shared blobs count in full)."""
+    last_pulled: float | None
+    checked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    added: int
+    """Published files the index did not know (a crash between publishing and recording)."""
+    removed: int
+    """Rows whose file is gone."""
+
+
 class Index:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] | None = None) -> None:
         self._path = path
+        self._clock = clock or time.time
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-index")
         self._db: sqlite3.Connection | None = None
+        # Access times wait here for `flush_access`: a hit costs no disk write.
+        self._accessed: dict[str, float] = {}
 
     async def open(self) -> None:
         await self._run(self._connect)
@@ -68,6 +115,8 @@ class Index:
         self._db = db
 
     async def close(self) -> None:
+        await self.flush_access()
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
@@ -111,12 +160,60 @@ class Index:
         everything it references."""
         linked = [(upstream, name, str(d)) for d in (digest, *references)]
 
+        children = [(str(digest), str(d)) for d in references]
+
         def write() -> None:
             with self.db:
                 self.db.execute("BEGIN")
                 self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?)", (str(digest), media_type))
                 self.db.executemany("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", linked)
+                self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)", children)
         await self._run(write)
+
+    async def add_blob(self, digest: Digest, size: int) -> None:
+        """Record a published file (a layer, a config or a manifest)."""
+        now = self._clock()
+        await self._run(lambda: self.db.execute(
+            "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
+            "ON CONFLICT (digest) DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
+            (str(digest), size, now)))
+
+    def touch(self, digest: Digest) -> None:
+        self._accessed[str(digest)] = self._clock()
+
+    async def flush_access(self) -> None:
+        """Write the access times gathered since the last flush, in one transaction."""
+        if not self._accessed:
+            return
+        accessed, self._accessed = self._accessed, {}
+
+        def write() -> None:
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("UPDATE blobs SET last_access = MAX(last_access, ?) WHERE digest = ?",
+                                    [(at, digest) for digest, at in accessed.items()])
+        await self._run(write)
+
+    async def reconcile(self, files: Mapping[str, tuple[int, float]]) -> Reconciled:
+        """Make the blob rows match the published files ({digest: (size, mtime)}): after a crash
+        either may be ahead of the other."""
+        def write() -> Reconciled:
+            known = {row[0] for row in self.db.execute("SELECT digest FROM blobs")}
+            missing = [(d, size, mtime) for d, (size, mtime) in files.items() if d not in known]
+            gone = [(d,) for d in known if d not in files]
+            with self.db:
+                self.db.execute("BEGIN")
+                self.db.executemany("INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?)", missing)
+                self.db.executemany("DELETE FROM blobs WHERE digest = ?", gone)
+            return Reconciled(len(missing), len(gone))
+        return await self._run(write)
+
+    async def usage(self) -> tuple[int, int]:
+        """(files, bytes) the cache holds."""
+        def query() -> tuple[int, int]:
+            count, size = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs").fetchone()
+            return int(count), int(size)
+        return await self._run(query)
 
     async def is_linked(self, upstream: str, name: str, digest: Digest) -> bool:
         return await self._run(lambda: self.db.execute(
@@ -126,3 +223,21 @@ class Index:
     async def link(self, upstream: str, name: str, digest: Digest) -> None:
         await self._run(lambda: self.db.execute(
             "INSERT OR IGNORE INTO links VALUES (?, ?, ?)", (upstream, name, str(digest))))
+
+
+def cached_images(path: Path) -> list[CachedImage]:
+    """Every cached tag with its size, read straight from the database file: for operator
+    commands, which may run beside a serving mirror (WAL lets them read while it writes)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT tags.upstream, tags.name, tags.tag, tags.digest, manifests.media_type, tags.checked_at, "
+            "blobs.last_access FROM tags JOIN manifests ON manifests.digest = tags.digest "
+            "LEFT JOIN blobs ON blobs.digest = tags.digest ORDER BY tags.upstream, tags.name, tags.tag").fetchall()
+        images = []
+        for upstream, name, tag, digest, media_type, checked_at, last_access in rows:
+            count, size = db.execute(_TREE, {"root": digest}).fetchone()
+            images.append(CachedImage(upstream, name, tag, digest, media_type, count, size, last_access, checked_at))
+        return images
+    finally:
+        db.close()

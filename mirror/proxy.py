@@ -152,6 +152,7 @@ class Proxy:
         body = await self._store.read(digest)
         if body is None:
             return None
+        self._index.touch(digest)
         return ManifestResult(body, media_type, digest, CacheResult.HIT)
 
     async def _fetch_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
@@ -168,6 +169,7 @@ class Proxy:
                 raise IntegrityError(f"upstream {upstream.name} sent a manifest for {claimed} whose digest is {digest}")
         media_type = manifest_media_type(fetched.body, fetched.media_type)
         await self._store.put(digest, fetched.body)
+        await self._index.add_blob(digest, len(fetched.body))
         await self._index.add_manifest(upstream.name, name, digest, media_type, manifest_references(fetched.body))
         if tag_it and reference.tag is not None:
             await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
@@ -184,6 +186,7 @@ class Proxy:
             # Checked again: the fill may have finished, or failed, while we asked.
             size = self._store.size(digest)
             if size is not None:
+                self._index.touch(digest)
                 return CachedBlob(self._store.path(digest), size, digest)
             if (fill := self.fills.active(digest)) is not None:
                 try:
@@ -204,6 +207,7 @@ class Proxy:
         size = self._store.size(digest)
         if size is not None:
             await self._ensure_visible(upstream, route.name, digest, "blob")
+            self._index.touch(digest)
             return BlobHead(size, CacheResult.HIT)
         head = await upstream.head("blob", route.name, str(digest))
         return BlobHead(head.size, CacheResult.MISS)
@@ -211,6 +215,7 @@ class Proxy:
     async def _download_blob(self, upstream: Upstream, name: str, fill: Fill) -> None:
         await upstream.fetch_blob(name, fill.digest, fill)
         await fill.commit()
+        await self._index.add_blob(fill.digest, fill.written)
 
     async def _ensure_visible(self, upstream: Upstream, name: str, digest: Digest, kind: str) -> None:
         """Raise unless `name` may see `digest`: known from its manifests, or confirmed by the

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 
 from mirror.errors import CacheWriteError, IntegrityError
 from mirror.oci import Digest
+
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class BlobStore:
@@ -41,6 +44,18 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
             swept += 1
         return swept
+
+    def scan(self) -> dict[str, tuple[int, float]]:
+        """Every published blob, as {digest: (size, mtime)}; blocking, for start-up."""
+        found: dict[str, tuple[int, float]] = {}
+        for shard in os.scandir(self._blobs):
+            if not shard.is_dir():
+                continue
+            for entry in os.scandir(shard.path):
+                if _HEX.fullmatch(entry.name):
+                    stat = entry.stat()
+                    found[f"sha256:{entry.name}"] = (stat.st_size, stat.st_mtime)
+        return found
 
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.hex[:2] / digest.hex
