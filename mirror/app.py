@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from mirror.config import Config
+from mirror.eviction import Evictor
 from mirror.flight import Background
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
 from mirror.index import Index
@@ -38,6 +39,7 @@ class Services:
     index: Index
     background: Background
     proxy: Proxy
+    evictor: Evictor
 
 
 SERVICES = web.AppKey("services", Services)
@@ -69,9 +71,12 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         blob_session = _upstream_session(aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read), aiohttp.TCPConnector(limit=0))
         background = Background()
+        evictor = Evictor(config.eviction, store, index, background)
+        await evictor.open()
         upstreams = {u.name: Upstream(u, session, blob_session) for u in config.upstreams}
-        proxy = Proxy(store, index, upstreams, background, revalidate_timeout=timeouts.revalidate, clock=clock)
-        app[SERVICES] = Services(config, store, index, background, proxy)
+        proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
+                      clock=clock)
+        app[SERVICES] = Services(config, store, index, background, proxy, evictor)
         app[PROXY] = proxy
         try:
             yield

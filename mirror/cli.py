@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the mirror", description="Run the mirror.",
                                 epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
+    serve.add_argument("--max-size", metavar="SIZE",
+                       help="disk budget for the cache, e.g. 50GiB; least recently used content is evicted "
+                            "to stay under it (default: no limit)")
     serve.add_argument("--upstream", action="append", default=[], metavar="[NAME=]URL",
                        help="add an upstream registry, or change the URL of a configured one; NAME is the "
                             "registry host clients use (default: the URL's host). Repeatable.")
@@ -96,8 +99,9 @@ def _when(at: float | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        overrides = Overrides(listen=args.listen, cache_dir=args.cache_dir, upstreams=tuple(args.upstream),
-                              default_upstream=args.default_upstream, log_level=args.log_level)
+        overrides = Overrides(listen=args.listen, cache_dir=args.cache_dir, max_size=args.max_size,
+                              upstreams=tuple(args.upstream), default_upstream=args.default_upstream,
+                              log_level=args.log_level)
     else:
         overrides = Overrides(cache_dir=args.cache_dir)
     try:

@@ -26,6 +26,10 @@ _HOST_RE = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z
 _ALIAS_RE = re.compile(r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "t": 1000**4, "tb": 1000**4, "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2,
+               "gi": 1024**3, "gib": 1024**3, "ti": 1024**4, "tib": 1024**4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,16 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EvictionConfig:
+    """The disk budget. Past `high_watermark` x `max_size`, least recently used content goes
+    until usage is under `low_watermark` x `max_size`. No `max_size`: nothing is evicted."""
+
+    max_size: int | None = None
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str = "0.0.0.0"
     port: int = 5000
@@ -64,6 +78,7 @@ class Config:
         UpstreamConfig(name=DOCKER_HUB, url=DOCKER_HUB_URL, library_prefix=True),
     )
     timeouts: TimeoutConfig = TimeoutConfig()
+    eviction: EvictionConfig = EvictionConfig()
     log_level: str = "info"
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -85,6 +100,17 @@ def parse_duration(value: object, path: str) -> float:
     if seconds < 0:
         raise ConfigError(f"{path}: must not be negative")
     return seconds
+
+
+def parse_size(value: object, path: str) -> int:
+    """A size in bytes: a number, or `50GiB`, `500MB`, `2T` (IEC or SI units)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip())):
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+        if size > 0:
+            return size
+    raise ConfigError(f"{path}: expected a size such as 50GiB or 500MB, got {value!r}")
 
 
 def parse_listen(value: str, path: str) -> tuple[str, int]:
@@ -211,6 +237,7 @@ class Overrides:
 
     listen: str | None = None
     cache_dir: str | None = None
+    max_size: str | None = None
     upstreams: tuple[str, ...] = ()
     default_upstream: str | None = None
     log_level: str | None = None
@@ -250,7 +277,8 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
-    root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level"})
+    root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level",
+                     "max_size", "eviction"})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -273,6 +301,21 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
         flags = [parse_upstream_flag(v, "--upstream") for v in overrides.upstreams]
         config = replace(config, upstreams=merge_upstreams(config.upstreams, flags, "--upstream"))
 
+    eviction = EvictionConfig()
+    if (section_data := root.data.get("eviction")) is not None:
+        section = _Section(section_data, "eviction")
+        section.check_keys({"high_watermark", "low_watermark"})
+        eviction = EvictionConfig(
+            high_watermark=_fraction(section.data.get("high_watermark", 0.9), section.at("high_watermark")),
+            low_watermark=_fraction(section.data.get("low_watermark", 0.8), section.at("low_watermark")))
+        if eviction.low_watermark > eviction.high_watermark:
+            raise ConfigError("eviction.low_watermark: must not be above high_watermark")
+    for origin, value in (("max_size", root.data.get("max_size")), ("MIRROR_MAX_SIZE", environ.get("MIRROR_MAX_SIZE")),
+                          ("--max-size", overrides.max_size)):
+        if value is not None:
+            eviction = replace(eviction, max_size=parse_size(value, origin))
+    config = replace(config, eviction=eviction)
+
     if (timeouts := root.data.get("upstream_timeouts")) is not None:
         section = _Section(timeouts, "upstream_timeouts")
         section.check_keys({"connect", "read", "revalidate"})
@@ -282,6 +325,12 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             revalidate=parse_duration(section.data.get("revalidate", 5), section.at("revalidate"))))
     _validate(config)
     return config
+
+
+def _fraction(value: object, path: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise ConfigError(f"{path}: expected a fraction of max_size between 0 and 1, got {value!r}")
 
 
 def _validate(config: Config) -> None:

@@ -13,9 +13,11 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from mirror.errors import Internal, MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
@@ -119,10 +121,14 @@ class RegistryHandlers:
         blob = await request.app[PROXY].blob(route)
         if isinstance(blob, CachedBlob):
             # sendfile, with the 206 itself left to aiohttp once the range is known to be good.
-            hit = web.FileResponse(blob.path, headers={**headers, CACHE_HEADER: CacheResult.HIT.value})
-            if "Range" in request.headers and self._range(request, blob.size) is None:
-                await hit.prepare(request.clone(headers=_without_range(request)))
-            return hit
+            proxy = request.app[PROXY]
+            try:
+                ignore_range = "Range" in request.headers and self._range(request, blob.size) is None
+            except RangeInvalid:
+                proxy.done_reading(blob)
+                raise
+            return CachedBlobResponse(blob.path, lambda: proxy.done_reading(blob), ignore_range,
+                                      headers={**headers, CACHE_HEADER: CacheResult.HIT.value})
 
         size = await blob.fill.started()
         window = self._range(request, size) if size is not None else None
@@ -193,10 +199,25 @@ class RegistryHandlers:
         return web.Response(body=body, content_type="application/json", headers=headers)
 
 
-def _without_range(request: web.Request) -> CIMultiDict[str]:
-    headers = CIMultiDict(request.headers)
-    headers.popall("Range")
-    return headers
+class CachedBlobResponse(web.FileResponse):
+    """A cached blob, sent with sendfile (Range, 206 and 416 handled by aiohttp). It tells the
+    proxy when it is done with the file, so eviction never removes it from under the send."""
+
+    def __init__(self, path: Path, done: Callable[[], None], ignore_range: bool, headers: dict[str, str]) -> None:
+        super().__init__(path, headers=headers)
+        self._done = done
+        self._ignore_range = ignore_range
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        try:
+            if self._ignore_range:
+                # A Range that cannot be parsed is ignored (RFC 9110): the whole blob goes.
+                headers = CIMultiDict(request.headers)
+                headers.popall("Range")
+                request = request.clone(headers=headers)
+            return await super().prepare(request)
+        finally:
+            self._done()
 
 
 def _rewrite_link(link: str, request: web.Request) -> str:

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (parent, child)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS refs_by_child ON refs (child);
+CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
 """
 # Every digest a manifest reaches, itself included: an image's whole content.
 _TREE = """
@@ -208,6 +209,34 @@ class Index:
             return Reconciled(len(missing), len(gone))
         return await self._run(write)
 
+    async def eviction_candidates(self, limit: int) -> list[tuple[Digest, int]]:
+        """(digest, size) of what may go, least recently used first: unpinned content that no
+        cached manifest references. A manifest's blobs become candidates once it is gone."""
+        await self.flush_access()
+
+        def query() -> list[tuple[Digest, int]]:
+            rows = self.db.execute(
+                "SELECT b.digest, b.size FROM blobs b WHERE b.pinned = 0 AND NOT EXISTS ("
+                "SELECT 1 FROM refs r JOIN blobs p ON p.digest = r.parent WHERE r.child = b.digest) "
+                "ORDER BY b.last_access LIMIT ?", (limit,)).fetchall()
+            return [(Digest.parse(digest), int(size)) for digest, size in rows]
+        return await self._run(query)
+
+    async def forget(self, digest: Digest) -> bool:
+        """Drop everything recorded about evicted content, and the tags that named it. True if
+        it referenced other content, which may now be free to go too."""
+        key = (str(digest),)
+
+        def write() -> bool:
+            with self.db:
+                self.db.execute("BEGIN")
+                released = self.db.execute("DELETE FROM refs WHERE parent = ?", key).rowcount > 0
+                for statement in ("DELETE FROM blobs WHERE digest = ?", "DELETE FROM manifests WHERE digest = ?",
+                                  "DELETE FROM tags WHERE digest = ?", "DELETE FROM links WHERE digest = ?"):
+                    self.db.execute(statement, key)
+            return released
+        return await self._run(write)
+
     async def usage(self) -> tuple[int, int]:
         """(files, bytes) the cache holds."""
         def query() -> tuple[int, int]:
@@ -239,5 +268,24 @@ def cached_images(path: Path) -> list[CachedImage]:
             count, size = db.execute(_TREE, {"root": digest}).fetchone()
             images.append(CachedImage(upstream, name, tag, digest, media_type, count, size, last_access, checked_at))
         return images
+    finally:
+        db.close()
+
+
+def set_pinned(path: Path, upstream: str, name: str, reference: str, pinned: bool) -> str | None:
+    """Pin (or unpin) a cached image by tag or digest; the manifest's digest, or None if it is
+    not cached. Pinning the manifest protects everything it references from eviction."""
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        with db:
+            if reference.startswith("sha256:"):
+                row = db.execute("SELECT digest FROM manifests WHERE digest = ?", (reference,)).fetchone()
+            else:
+                row = db.execute("SELECT digest FROM tags WHERE upstream = ? AND name = ? AND tag = ?",
+                                 (upstream, name, reference)).fetchone()
+            if row is None:
+                return None
+            updated = db.execute("UPDATE blobs SET pinned = ? WHERE digest = ?", (int(pinned), row[0])).rowcount
+            return str(row[0]) if updated else None
     finally:
         db.close()

@@ -32,6 +32,7 @@ from mirror.errors import (
     Unauthorized,
     Unavailable,
 )
+from mirror.eviction import Evictor
 from mirror.flight import Background, Coalescer, Fill, Fills
 from mirror.index import Index, TagRecord
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, manifest_media_type, manifest_references
@@ -81,11 +82,12 @@ class BlobHead:
 
 
 class Proxy:
-    def __init__(self, store: BlobStore, index: Index, upstreams: Mapping[str, Upstream],
+    def __init__(self, store: BlobStore, index: Index, evictor: Evictor, upstreams: Mapping[str, Upstream],
                  background: Background, revalidate_timeout: float = 5.0,
                  clock: Callable[[], float] | None = None) -> None:
         self._store = store
         self._index = index
+        self._evictor = evictor
         self._upstreams = upstreams
         self._revalidate_timeout = revalidate_timeout
         self._clock = clock or time.time
@@ -170,6 +172,7 @@ class Proxy:
         media_type = manifest_media_type(fetched.body, fetched.media_type)
         await self._store.put(digest, fetched.body)
         await self._index.add_blob(digest, len(fetched.body))
+        self._evictor.added(len(fetched.body))
         await self._index.add_manifest(upstream.name, name, digest, media_type, manifest_references(fetched.body))
         if tag_it and reference.tag is not None:
             await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
@@ -187,6 +190,7 @@ class Proxy:
             size = self._store.size(digest)
             if size is not None:
                 self._index.touch(digest)
+                self._evictor.reading(digest)  # until `done_reading`: eviction leaves it alone
                 return CachedBlob(self._store.path(digest), size, digest)
             if (fill := self.fills.active(digest)) is not None:
                 try:
@@ -216,6 +220,10 @@ class Proxy:
         await upstream.fetch_blob(name, fill.digest, fill)
         await fill.commit()
         await self._index.add_blob(fill.digest, fill.written)
+        self._evictor.added(fill.written)
+
+    def done_reading(self, blob: CachedBlob) -> None:
+        self._evictor.done(blob.digest)
 
     async def _ensure_visible(self, upstream: Upstream, name: str, digest: Digest, kind: str) -> None:
         """Raise unless `name` may see `digest`: known from its manifests, or confirmed by the

@@ -57,6 +57,10 @@ class BlobStore:
                     found[f"sha256:{entry.name}"] = (stat.st_size, stat.st_mtime)
         return found
 
+    def remove(self, digest: Digest) -> None:
+        """Delete a published blob. A client already reading it keeps its open file."""
+        self.path(digest).unlink(missing_ok=True)
+
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.hex[:2] / digest.hex
 

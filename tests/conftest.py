@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.app import SERVICES, Services, create_app
-from mirror.config import Config, TimeoutConfig, UpstreamConfig
+from mirror.config import Config, EvictionConfig, TimeoutConfig, UpstreamConfig
 from tests.support.fake_upstream import FakeUpstream, start_fake
 from tests.support.images import PushedImage, populate
 from tests.support.registry import LocalRegistry, find_registry_binary
@@ -131,10 +131,11 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
 
     async def make(upstreams: dict[str, str], *, tag_ttl: float = 300.0, cache_dir: Path | None = None,
                    clock: Callable[[], float] | None = None, timeouts: TimeoutConfig | None = None,
-                   **upstream_options: object) -> Mirror:
+                   eviction: EvictionConfig | None = None, **upstream_options: object) -> Mirror:
         config = Config(
             host="127.0.0.1", port=0, cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
             default_upstream=next(iter(upstreams)), timeouts=timeouts or TimeoutConfig(),
+            eviction=eviction or EvictionConfig(),
             upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
                                            **upstream_options)  # type: ignore[arg-type]
                             for name, url in upstreams.items()),

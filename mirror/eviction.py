@@ -1,0 +1,98 @@
+"""Keeping the cache inside its disk budget.
+
+Usage is tracked in memory (read from the index at start-up, then added to on every publish).
+Past the high watermark, one eviction pass runs in the background and removes least recently
+used content until usage is under the low watermark. What may go is decided by the index:
+unpinned manifests, and blobs no cached manifest references, so an image goes as a whole and
+a layer shared with a cached image stays. A blob a client is reading right now is skipped.
+Rows go before files: a crash in between leaves a file the index does not know, which the
+next start-up records again and a later pass evicts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from mirror.config import EvictionConfig
+from mirror.flight import Background
+from mirror.index import Index
+from mirror.oci import Digest
+from mirror.storage import BlobStore
+
+log = logging.getLogger(__name__)
+
+# Candidates asked of the index at a time.
+_BATCH = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    digest: Digest
+    size: int
+
+
+class Evictor:
+    def __init__(self, config: EvictionConfig, store: BlobStore, index: Index, background: Background) -> None:
+        self._config = config
+        self._store = store
+        self._index = index
+        self._background = background
+        self.usage = 0
+        self._reading: Counter[Digest] = Counter()
+        self._pass_running = False
+
+    async def open(self) -> None:
+        self.usage = (await self._index.usage())[1]
+        self._check()
+
+    def added(self, size: int) -> None:
+        self.usage += size
+        self._check()
+
+    def reading(self, digest: Digest) -> None:
+        """A client is about to read `digest` from its file: not to be evicted until `done`."""
+        self._reading[digest] += 1
+
+    def done(self, digest: Digest) -> None:
+        self._reading[digest] -= 1
+        if self._reading[digest] <= 0:
+            del self._reading[digest]
+
+    def _check(self) -> None:
+        limit = self._config.max_size
+        if limit is not None and self.usage > limit * self._config.high_watermark and not self._pass_running:
+            self._pass_running = True
+            self._background.spawn(self._pass(), name="eviction pass")
+
+    async def _pass(self) -> None:
+        try:
+            evicted = await self.evict()
+            log.info("evicted %d blobs (%d bytes); cache now holds %d bytes",
+                     len(evicted), sum(e.size for e in evicted), self.usage)
+        finally:
+            self._pass_running = False
+        self._check()
+
+    async def evict(self) -> list[Evicted]:
+        """Down to the low watermark, least recently used first."""
+        assert self._config.max_size is not None
+        target = self._config.max_size * self._config.low_watermark
+        evicted: list[Evicted] = []
+        while self.usage > target:
+            candidates = [(d, size) for d, size in await self._index.eviction_candidates(_BATCH)
+                          if d not in self._reading]
+            if not candidates:
+                log.warning("cache holds %d bytes, over its budget, but the rest is pinned or in use", self.usage)
+                break
+            for digest, size in candidates:
+                if self.usage <= target or digest in self._reading:
+                    continue
+                released = await self._index.forget(digest)
+                self._store.remove(digest)
+                self.usage -= size
+                evicted.append(Evicted(digest, size))
+                if released:
+                    break  # what that manifest held may be older than the next candidate: ask again
+        return evicted

@@ -1,0 +1,104 @@
+"""A cache with a disk budget: least recently used images go, whole; what another cached image
+still uses stays; pinned images and blobs being read are never taken."""
+
+from __future__ import annotations
+
+import random
+
+import aiohttp
+
+from mirror.config import EvictionConfig
+from mirror.index import set_pinned
+from mirror.oci import Digest
+from tests.conftest import Mirror, MirrorFactory
+from tests.support.fake_upstream import FakeUpstream
+from tests.test_faults import ACCEPT, add_image, blob_url, manifest_url
+
+KB = 1000
+
+
+def layer(seed: int, size: int = 100 * KB) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def pull(client: aiohttp.ClientSession, mirror: Mirror, name: str, digests: tuple[str, ...]) -> list[str]:
+    """Pull an image's manifest and blobs; the X-Mirror-Cache of each response."""
+    results = []
+    async with client.get(manifest_url(mirror, name, "latest"), headers={"Accept": ACCEPT}) as response:
+        assert response.status == 200
+        results.append(response.headers["X-Mirror-Cache"])
+    for digest in digests:
+        async with client.get(blob_url(mirror, name, digest)) as response:
+            assert response.status == 200
+            await response.read()
+            results.append(response.headers["X-Mirror-Cache"])
+    await mirror.services.background.join()
+    return results
+
+
+def cached(mirror: Mirror, digest: str) -> bool:
+    return mirror.services.store.size(Digest.parse(digest)) is not None
+
+
+async def test_least_recently_used_image_goes_first(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                                    client: aiohttp.ClientSession) -> None:
+    a = add_image(fake, "team/a", layers=[layer(1)], seed=1)
+    b = add_image(fake, "team/b", layers=[layer(2)], seed=2)
+    c = add_image(fake, "team/c", layers=[layer(3)], seed=3)
+    now = [1.0]
+    mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0],
+                               eviction=EvictionConfig(max_size=300 * KB, high_watermark=0.9, low_watermark=0.8))
+    await pull(client, mirror, "team/a", (a.config, *a.layers))
+    now[0] = 2.0
+    await pull(client, mirror, "team/b", (b.config, *b.layers))
+    now[0] = 3.0
+    assert set(await pull(client, mirror, "team/a", (a.config, *a.layers))) == {"HIT"}  # a is used again
+    now[0] = 4.0
+    await pull(client, mirror, "team/c", (c.config, *c.layers))  # over 270 kB: down to 240 kB
+
+    assert not any(cached(mirror, d) for d in (b.digest, b.config, *b.layers)), "b, least recently used, went whole"
+    assert all(cached(mirror, d) for d in (a.digest, a.config, *a.layers, c.digest, c.config, *c.layers))
+    assert mirror.services.evictor.usage <= 240 * KB
+    fake.requests.clear()
+    assert set(await pull(client, mirror, "team/a", (a.config, *a.layers))) == {"HIT"}
+    assert fake.count("GET") == 0
+    assert set(await pull(client, mirror, "team/b", (b.config, *b.layers))) == {"MISS"}, "b comes back on demand"
+
+
+async def test_a_layer_another_cached_image_uses_stays(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                                       client: aiohttp.ClientSession) -> None:
+    shared = layer(10)
+    a = add_image(fake, "team/a", layers=[shared, layer(11)], seed=1)
+    b = add_image(fake, "team/b", layers=[shared], seed=2)
+    c = add_image(fake, "team/c", layers=[layer(12)], seed=3)
+    now = [1.0]
+    mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0],
+                               eviction=EvictionConfig(max_size=280 * KB, high_watermark=0.9, low_watermark=0.8))
+    for t, (name, image) in enumerate((("team/a", a), ("team/b", b), ("team/c", c)), start=1):
+        now[0] = float(t)
+        await pull(client, mirror, name, (image.config, *image.layers))
+
+    assert not cached(mirror, a.digest) and not cached(mirror, a.layers[1]), "a, least recently used, went"
+    assert cached(mirror, a.layers[0]), "the layer b still uses stayed"
+    assert set(await pull(client, mirror, "team/b", (b.config, *b.layers))) == {"HIT"}
+
+
+async def test_pinned_images_and_blobs_being_read_are_kept(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                                           client: aiohttp.ClientSession) -> None:
+    a = add_image(fake, "team/a", layers=[layer(1)], seed=1)
+    b = add_image(fake, "team/b", layers=[layer(2)], seed=2)
+    c = add_image(fake, "team/c", layers=[layer(3)], seed=3)
+    now = [1.0]
+    mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0],
+                               eviction=EvictionConfig(max_size=250 * KB, high_watermark=0.9, low_watermark=0.5))
+    await pull(client, mirror, "team/a", (a.config, *a.layers))
+    assert set_pinned(mirror.services.config.cache_dir / "index.db", "docker.io", "team/a", "latest", True) == a.digest
+    now[0] = 2.0
+    await pull(client, mirror, "team/b", (b.config, *b.layers))
+    mirror.services.evictor.reading(Digest.parse(b.layers[0]))  # a client is still reading b's layer
+    now[0] = 3.0
+    await pull(client, mirror, "team/c", (c.config, *c.layers))  # over 225 kB: as far towards 125 kB as allowed
+
+    assert all(cached(mirror, d) for d in (a.digest, a.config, *a.layers)), "pinned: kept whatever its age"
+    assert cached(mirror, b.layers[0]), "being read: kept"
+    assert not cached(mirror, b.digest), "b's manifest was free to go"
