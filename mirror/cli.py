@@ -16,8 +16,9 @@ from aiohttp import web
 from mirror import __version__
 from mirror.app import create_app
 from mirror.config import Config, Overrides, load
-from mirror.errors import ConfigError
-from mirror.index import cached_images
+from mirror.errors import ConfigError, MirrorError
+from mirror.index import cached_images, set_pinned
+from mirror.routing import Router
 
 DESCRIPTION = """\
 A pull-through caching mirror for Docker/OCI registries. Point the Docker daemon
@@ -65,7 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
                                          "when last pulled and when last checked upstream. Safe to run "
                                          "beside a serving mirror (access times lag by up to 10 s).")
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
+
+    for command, verb in (("pin", "Keep"), ("unpin", "Stop keeping")):
+        pin = commands.add_parser(command, parents=[common], help=f"{verb.lower()} a cached image whatever its age",
+                                  description=f"{verb} a cached image (and everything it references) out of "
+                                              "reach of eviction. The image must be cached: pull it through "
+                                              "the mirror first. Safe to run beside a serving mirror.")
+        pin.add_argument("reference", metavar="IMAGE",
+                         help="as a client names it: alpine:3.19, docker.io/library/alpine:3.19, "
+                              "ghcr.io/owner/repo@sha256:...")
     return parser
+
+
+def set_pin(config: Config, reference: str, pinned: bool) -> int:
+    try:
+        route = Router(config).resolve(_manifest_path(reference))
+    except MirrorError as exc:
+        print(f"mirror: {exc.message}", file=sys.stderr)
+        return 2
+    database = config.cache_dir / "index.db"
+    digest = set_pinned(database, route.upstream.name, route.name, str(route.reference), pinned) \
+        if database.exists() else None
+    if digest is None:
+        print(f"mirror: {route.upstream.name}/{route.name}:{route.reference} is not cached; pull it through "
+              "the mirror first", file=sys.stderr)
+        return 1
+    print(f"{'pinned' if pinned else 'unpinned'} {route.upstream.name}/{route.name} {digest}")
+    return 0
+
+
+def _manifest_path(reference: str) -> str:
+    """An image reference as the API path a client would ask: name@digest, name:tag or name."""
+    name, at, digest = reference.partition("@")
+    if at:
+        return f"{name}/manifests/{digest}"
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return f"{name[:colon]}/manifests/{name[colon + 1:]}"
+    return f"{name}/manifests/latest"
 
 
 def list_cached(config: Config, as_json: bool) -> int:
@@ -111,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "ls":
         return list_cached(config, args.json)
+    if args.command in ("pin", "unpin"):
+        return set_pin(config, args.reference, args.command == "pin")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("mirror")
     for upstream in config.upstreams:

@@ -4,11 +4,13 @@ still uses stays; pinned images and blobs being read are never taken."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 
 from mirror.config import EvictionConfig
-from mirror.index import set_pinned
 from mirror.oci import Digest
 from tests.conftest import Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream
@@ -34,6 +36,12 @@ async def pull(client: aiohttp.ClientSession, mirror: Mirror, name: str, digests
             results.append(response.headers["X-Mirror-Cache"])
     await mirror.services.background.join()
     return results
+
+
+def mirror_cli(*args: str, cache: Path) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "mirror", *args, "--cache-dir", str(cache)],
+                            capture_output=True, text=True)
+    return result.returncode, result.stdout or result.stderr
 
 
 def cached(mirror: Mirror, digest: str) -> bool:
@@ -92,7 +100,8 @@ async def test_pinned_images_and_blobs_being_read_are_kept(fake: FakeUpstream, m
     mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0],
                                eviction=EvictionConfig(max_size=250 * KB, high_watermark=0.9, low_watermark=0.5))
     await pull(client, mirror, "team/a", (a.config, *a.layers))
-    assert set_pinned(mirror.services.config.cache_dir / "index.db", "docker.io", "team/a", "latest", True) == a.digest
+    assert mirror_cli("pin", "team/a:latest", cache=mirror.services.config.cache_dir) == (
+        0, f"pinned docker.io/team/a {a.digest}\n")
     now[0] = 2.0
     await pull(client, mirror, "team/b", (b.config, *b.layers))
     mirror.services.evictor.reading(Digest.parse(b.layers[0]))  # a client is still reading b's layer
@@ -102,3 +111,18 @@ async def test_pinned_images_and_blobs_being_read_are_kept(fake: FakeUpstream, m
     assert all(cached(mirror, d) for d in (a.digest, a.config, *a.layers)), "pinned: kept whatever its age"
     assert cached(mirror, b.layers[0]), "being read: kept"
     assert not cached(mirror, b.digest), "b's manifest was free to go"
+
+
+async def test_pin_and_unpin_by_image_reference(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                                client: aiohttp.ClientSession) -> None:
+    a = add_image(fake, "library/a", layers=[layer(1)], seed=1)
+    mirror = await make_mirror({"docker.io": fake.url})
+    cache = mirror.services.config.cache_dir
+    code, message = mirror_cli("pin", "a:latest", cache=cache)
+    assert code == 1 and "docker.io/library/a:latest is not cached" in message
+    await pull(client, mirror, "library/a", (a.config, *a.layers))
+    for reference in ("a", "docker.io/library/a:latest", f"library/a@{a.digest}"):
+        assert mirror_cli("pin", reference, cache=cache) == (0, f"pinned docker.io/library/a {a.digest}\n")
+    assert mirror_cli("unpin", "a", cache=cache) == (0, f"unpinned docker.io/library/a {a.digest}\n")
+    code, message = mirror_cli("pin", "quay.io/x/y:1", cache=cache)
+    assert code == 2 and "not configured" in message
