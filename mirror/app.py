@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from mirror.config import Config
-from mirror.eviction import Evictor
+from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
 from mirror.index import Index
+from mirror.oci import Digest
 from mirror.proxy import Proxy
 from mirror.routing import Router
 from mirror.storage import BlobStore
@@ -51,6 +54,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = BlobStore(config.cache_dir)
+        store.lock()
         swept = store.open()
         if swept:
             log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
@@ -87,6 +91,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
             await session.close()
             await blob_session.close()
             await index.close()
+            store.unlock()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -108,3 +113,40 @@ async def _flush_access(index: Index) -> None:
         except sqlite3.Error as exc:
             # Access times only order eviction: losing one batch is no reason to stop.
             log.warning("could not record access times: %s", exc)
+
+
+async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evicted]]:
+    """One eviction pass on a cache no mirror is serving: (usage before, after, what went).
+    A dry run works on a copy of the index and deletes no file."""
+    store = BlobStore(config.cache_dir)
+    store.lock()
+    try:
+        store.open()
+        database = config.cache_dir / "index.db"
+        files = store
+        with tempfile.TemporaryDirectory() as scratch:
+            if dry_run:
+                copy = Path(scratch) / "index.db"
+                with sqlite3.connect(database) as source, sqlite3.connect(copy) as target:
+                    source.backup(target)
+                database, files = copy, _KeepFiles(config.cache_dir)
+            index = Index(database)
+            await index.open()
+            try:
+                await index.reconcile(await asyncio.to_thread(store.scan))
+                evictor = Evictor(config.eviction, files, index, Background())
+                evictor.usage = (await index.usage())[1]
+                before = evictor.usage
+                evicted = await evictor.evict()
+                return before, evictor.usage, evicted
+            finally:
+                await index.close()
+    finally:
+        store.unlock()
+
+
+class _KeepFiles(BlobStore):
+    """A store whose evictions are only pretended, for dry runs."""
+
+    def remove(self, digest: Digest) -> None:
+        pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -14,9 +15,9 @@ from pathlib import Path
 from aiohttp import web
 
 from mirror import __version__
-from mirror.app import create_app
+from mirror.app import create_app, evict_now
 from mirror.config import Config, Overrides, load
-from mirror.errors import ConfigError, MirrorError
+from mirror.errors import CacheBusy, ConfigError, MirrorError
 from mirror.index import cached_images, set_pinned
 from mirror.routing import Router
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                                          "beside a serving mirror (access times lag by up to 10 s).")
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
 
+    gc = commands.add_parser("gc", parents=[common], help="evict down to the low watermark now",
+                             description="Run an eviction pass now: least recently used content goes until "
+                                         "the cache is under eviction.low_watermark x max_size. A serving "
+                                         "mirror does this by itself, so gc refuses to run beside one.")
+    gc.add_argument("--max-size", metavar="SIZE", help="the disk budget, e.g. 50GiB (default: from the config)")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    gc.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
     for command, verb in (("pin", "Keep"), ("unpin", "Stop keeping")):
         pin = commands.add_parser(command, parents=[common], help=f"{verb.lower()} a cached image whatever its age",
                                   description=f"{verb} a cached image (and everything it references) out of "
@@ -76,6 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
                          help="as a client names it: alpine:3.19, docker.io/library/alpine:3.19, "
                               "ghcr.io/owner/repo@sha256:...")
     return parser
+
+
+def collect(config: Config, dry_run: bool, as_json: bool) -> int:
+    if config.eviction.max_size is None:
+        print("mirror: no max_size is set (config max_size or --max-size): nothing to evict", file=sys.stderr)
+        return 2
+    try:
+        before, after, evicted = asyncio.run(evict_now(config, dry_run))
+    except CacheBusy as exc:
+        print(f"mirror: {exc}; a serving mirror evicts by itself", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"dry_run": dry_run, "usage_before": before, "usage_after": after,
+                          "evicted": [{"digest": str(e.digest), "size": e.size} for e in evicted]}, indent=2))
+        return 0
+    for entry in evicted:
+        print(f"{'would evict' if dry_run else 'evicted'} {entry.digest} {_human(entry.size)}")
+    print(f"{len(evicted)} blobs, {_human(before - after)}{' would be' if dry_run else ''} freed; "
+          f"cache {_human(after)} of {_human(config.eviction.max_size)}")
+    return 0
 
 
 def set_pin(config: Config, reference: str, pinned: bool) -> int:
@@ -142,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               upstreams=tuple(args.upstream), default_upstream=args.default_upstream,
                               log_level=args.log_level)
     else:
-        overrides = Overrides(cache_dir=args.cache_dir)
+        overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None))
     try:
         config = load(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -150,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "ls":
         return list_cached(config, args.json)
+    if args.command == "gc":
+        return collect(config, args.dry_run, args.json)
     if args.command in ("pin", "unpin"):
         return set_pin(config, args.reference, args.command == "pin")
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -158,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("upstream %s -> %s%s", upstream.name, upstream.url,
                  " (default)" if upstream.name == config.default_upstream else "")
     # Said once the socket is bound and start-up (cache sweep, index) is done: scripts wait for it.
-    web.run_app(create_app(config), host=config.host, port=config.port,
-                print=lambda _: log.info("listening on http://%s:%d", config.host, config.port))
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port,
+                    print=lambda _: log.info("listening on http://%s:%d", config.host, config.port))
+    except CacheBusy as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 1
     return 0

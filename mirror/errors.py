@@ -128,5 +128,9 @@ class Internal(MirrorError):
     code, status = "UNKNOWN", 500
 
 
+class CacheBusy(Exception):
+    """Another process holds the cache directory."""
+
+
 class ConfigError(Exception):
     """A bad configuration key or value; the message starts with the key path."""

@@ -6,6 +6,8 @@ On-disk layout under the cache directory:
                                      manifests alike. A file here is always whole and verified.
     tmp/<hex>.<random>.part          a write in progress; anything left here at start-up is
                                      swept, since no process can still own it.
+    index.db                         the index (mirror.index)
+    lock                             flocked by the one process using the cache
 
 A write streams into `tmp/`, hashing as it goes; only when size and digest match is the file
 fsynced and renamed into `blobs/` (same filesystem, so the rename is atomic), then the directory
@@ -15,6 +17,7 @@ is fsynced so the name survives a power cut. Nothing here knows HTTP or the inde
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import re
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mirror.errors import CacheWriteError, IntegrityError
+from mirror.errors import CacheBusy, CacheWriteError, IntegrityError
 from mirror.oci import Digest
 
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -34,6 +37,24 @@ class BlobStore:
         self.root = root
         self._blobs = root / "blobs" / "sha256"
         self._tmp = root / "tmp"
+        self._lock_fd = -1
+
+    def lock(self) -> None:
+        """Take the cache for this process alone (an flock on `lock`, released when the process
+        ends, however it ends). Two mirrors on one cache would evict from under each other."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheBusy(f"another mirror process is using the cache in {self.root}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def open(self) -> int:
         """Create the layout and sweep abandoned writes; returns how many were swept."""

@@ -3,6 +3,7 @@ still uses stays; pinned images and blobs being read are never taken."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -126,3 +127,30 @@ async def test_pin_and_unpin_by_image_reference(fake: FakeUpstream, make_mirror:
     assert mirror_cli("unpin", "a", cache=cache) == (0, f"unpinned docker.io/library/a {a.digest}\n")
     code, message = mirror_cli("pin", "quay.io/x/y:1", cache=cache)
     assert code == 2 and "not configured" in message
+
+
+async def test_gc_evicts_now_and_dry_run_changes_nothing(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                                         client: aiohttp.ClientSession) -> None:
+    images = [add_image(fake, f"team/i{n}", layers=[layer(n)], seed=n) for n in range(3)]
+    now = [1.0]
+    mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0])  # no budget while serving
+    for n, image in enumerate(images):
+        now[0] = float(n + 1)
+        await pull(client, mirror, f"team/i{n}", (image.config, *image.layers))
+    cache = mirror.services.config.cache_dir
+    code, message = mirror_cli("gc", "--max-size", "150kB", cache=cache)
+    assert code == 1 and "another mirror process is using the cache" in message
+    await mirror.server.close()
+
+    code, out = mirror_cli("gc", "--max-size", "150kB", "--dry-run", "--json", cache=cache)
+    dry = json.loads(out)
+    assert code == 0 and dry["dry_run"] and dry["usage_after"] <= 120 * KB
+    assert {e["digest"] for e in dry["evicted"]} == {images[0].digest, images[0].config, *images[0].layers,
+                                                      images[1].digest, images[1].config, *images[1].layers}
+    assert all((cache / "blobs" / "sha256" / d[7:9] / d[7:]).exists() for d in images[0].layers), "dry run"
+
+    code, out = mirror_cli("gc", "--max-size", "150kB", "--json", cache=cache)
+    done = json.loads(out)
+    assert code == 0 and done["evicted"] == dry["evicted"]
+    assert not any((cache / "blobs" / "sha256" / e["digest"][7:9] / e["digest"][7:]).exists() for e in done["evicted"])
+    assert (cache / "blobs" / "sha256" / images[2].layers[0][7:9] / images[2].layers[0][7:]).exists()

@@ -245,9 +245,9 @@ async def test_stale_tag_served_when_upstream_is_gone(make_mirror: MirrorFactory
     await mirror.services.background.join()
 
     # Point the same cache at an upstream that is down.
+    await mirror.server.close()
     down = await make_mirror({"docker.io": "http://127.0.0.1:9"}, tag_ttl=10, clock=lambda: now[0],
                              cache_dir=mirror.services.config.cache_dir)
-    await mirror.server.close()
     now[0] += 3600
     status, headers, body = await get(client, f"{down.url}/v2/{image.name}/manifests/{image.tag}", Accept=ACCEPT_ALL)
     assert (status, body, headers["X-Mirror-Cache"]) == (200, image.manifest, "STALE")
