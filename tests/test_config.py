@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import DOCKER_HUB_URL, Config, Overrides, load
+from mirror.config import DOCKER_HUB_URL, Config, EvictionConfig, Overrides, load
 from mirror.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +26,15 @@ def test_example_config_loads_with_every_documented_key() -> None:
         "docker.io", DOCKER_HUB_URL, ("hub",), 300.0, True)
     assert (ghcr.name, ghcr.tag_ttl, ghcr.library_prefix) == ("ghcr.io", 600.0, False)
     assert (config.timeouts.connect, config.timeouts.read, config.timeouts.revalidate) == (10.0, 60.0, 5.0)
+    assert config.eviction == EvictionConfig(max_size=50 * 1024**3, high_watermark=0.9, low_watermark=0.8)
+
+
+@pytest.mark.parametrize(("value", "size"), [("50GiB", 50 * 1024**3), ("500MB", 500 * 1000**2), ("2t", 2 * 1000**4),
+                                             ("1.5KiB", 1536), (4096, 4096)])
+def test_sizes(tmp_path: Path, value: object, size: int) -> None:
+    assert load(write(tmp_path, f"max_size: {value}"), environ={}).eviction.max_size == size
+    assert load(None, environ={"MIRROR_MAX_SIZE": "1GiB"}, overrides=Overrides(max_size=str(value))
+                ).eviction.max_size == size
 
 
 def test_defaults_mean_docker_hub() -> None:
@@ -84,6 +93,11 @@ default_upstream: a.example
     ("default_upstream: ghcr.io", "default_upstream: 'ghcr.io' is not a configured upstream"),
     ("upstream_timeouts: {read: -1}", "upstream_timeouts.read: must not be negative"),
     ("- a list", "config: expected a mapping"),
+    ("max_size: lots", "max_size: expected a size"),
+    ("max_size: 0", "max_size: expected a size"),
+    ("eviction: {high_watermark: 1.5}", "eviction.high_watermark: expected a fraction"),
+    ("eviction: {high_watermark: 0.5, low_watermark: 0.6}", "eviction.low_watermark: must not be above"),
+    ("eviction: {size: 1}", "eviction.size: unknown key"),
 ])
 def test_bad_config_names_the_key_path(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
