@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sqlite3
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # How often access times are written to the index, in one transaction.
 ACCESS_FLUSH_INTERVAL = 10.0
+# How often content past its upstream's max_age is looked for.
+EXPIRE_INTERVAL = 60.0
 # Big enough that the download loop hands the hasher and disk megabyte-sized writes.
 UPSTREAM_READ_BUFFER = 4 << 20
 
@@ -64,7 +67,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         if reconciled.added or reconciled.removed:
             log.info("index reconciled with the cache: %d blobs added, %d removed",
                      reconciled.added, reconciled.removed)
-        flusher = asyncio.get_running_loop().create_task(_flush_access(index), name="flush access times")
+        loop = asyncio.get_running_loop()
+        periodic = [loop.create_task(_flush_access(index), name="flush access times")]
         timeouts = config.timeouts
         # Small requests: waiting for a connection counts against the connect limit, so a
         # revalidation fails over to the cached copy instead of queueing.
@@ -77,6 +81,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         background = Background()
         evictor = Evictor(config.eviction, store, index, background)
         await evictor.open()
+        if max_ages := _max_ages(config):
+            periodic.append(loop.create_task(_expire(evictor, max_ages, clock or time.time), name="expire"))
         upstreams = {u.name: Upstream(u, session, blob_session) for u in config.upstreams}
         proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
                       clock=clock)
@@ -85,8 +91,9 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         try:
             yield
         finally:
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            for task in periodic:
+                task.cancel()
+            await asyncio.gather(*periodic, return_exceptions=True)
             await background.close()
             await session.close()
             await blob_session.close()
@@ -115,9 +122,26 @@ async def _flush_access(index: Index) -> None:
             log.warning("could not record access times: %s", exc)
 
 
+def _max_ages(config: Config) -> dict[str, float]:
+    return {u.name: u.max_age for u in config.upstreams if u.max_age is not None}
+
+
+async def _expire(evictor: Evictor, max_ages: dict[str, float], clock: Callable[[], float]) -> None:
+    while True:
+        await asyncio.sleep(EXPIRE_INTERVAL)
+        try:
+            expired = await evictor.expire(max_ages, clock())
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("could not expire old content: %s", exc)
+            continue
+        if expired:
+            log.info("expired %d blobs (%d bytes) past their upstream's max_age", len(expired),
+                     sum(e.size for e in expired))
+
+
 async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evicted]]:
-    """One eviction pass on a cache no mirror is serving: (usage before, after, what went).
-    A dry run works on a copy of the index and deletes no file."""
+    """Age expiry and one eviction pass on a cache no mirror is serving: (usage before, after,
+    what went). A dry run works on a copy of the index and deletes no file."""
     store = BlobStore(config.cache_dir)
     store.lock()
     try:
@@ -137,7 +161,9 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
                 evictor = Evictor(config.eviction, files, index, Background())
                 evictor.usage = (await index.usage())[1]
                 before = evictor.usage
-                evicted = await evictor.evict()
+                evicted = await evictor.expire(_max_ages(config), time.time())
+                if config.eviction.max_size is not None:
+                    evicted += await evictor.evict()
                 return before, evictor.usage, evicted
             finally:
                 await index.close()

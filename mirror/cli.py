@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
 
     gc = commands.add_parser("gc", parents=[common], help="evict down to the low watermark now",
-                             description="Run an eviction pass now: least recently used content goes until "
-                                         "the cache is under eviction.low_watermark x max_size. A serving "
+                             description="Run eviction now: content past its upstream's max_age goes, then "
+                                         "least recently used content until the cache is under "
+                                         "eviction.low_watermark x max_size. A serving "
                                          "mirror does this by itself, so gc refuses to run beside one.")
     gc.add_argument("--max-size", metavar="SIZE", help="the disk budget, e.g. 50GiB (default: from the config)")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
@@ -88,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def collect(config: Config, dry_run: bool, as_json: bool) -> int:
-    if config.eviction.max_size is None:
-        print("mirror: no max_size is set (config max_size or --max-size): nothing to evict", file=sys.stderr)
+    if config.eviction.max_size is None and all(u.max_age is None for u in config.upstreams):
+        print("mirror: neither max_size (config or --max-size) nor any upstream's max_age is set: "
+              "nothing to evict", file=sys.stderr)
         return 2
     try:
         before, after, evicted = asyncio.run(evict_now(config, dry_run))
@@ -102,8 +104,9 @@ def collect(config: Config, dry_run: bool, as_json: bool) -> int:
         return 0
     for entry in evicted:
         print(f"{'would evict' if dry_run else 'evicted'} {entry.digest} {_human(entry.size)}")
+    budget = f" of {_human(config.eviction.max_size)}" if config.eviction.max_size else ""
     print(f"{len(evicted)} blobs, {_human(before - after)}{' would be' if dry_run else ''} freed; "
-          f"cache {_human(after)} of {_human(config.eviction.max_size)}")
+          f"cache {_human(after)}{budget}")
     return 0
 
 

@@ -43,6 +43,8 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tag_ttl: float = 300.0
+    max_age: float | None = None
+    """Content nobody pulled for this long is evicted (unless another upstream keeps it)."""
     library_prefix: bool = False
     """Docker Hub's rule: a one-segment name means `library/<name>`."""
 
@@ -189,7 +191,7 @@ def _secret(section: _Section, key: str, environ: Mapping[str, str]) -> str | No
 
 
 def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
-    section.check_keys({"name", "url", "aliases", "tag_ttl", "library_prefix", "credentials"})
+    section.check_keys({"name", "url", "aliases", "tag_ttl", "max_age", "library_prefix", "credentials"})
     name = section.get("name", str)
     url = section.get("url", str)
     if name is None or url is None:
@@ -215,6 +217,8 @@ def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
         username=username,
         password=password,
         tag_ttl=parse_duration(section.data.get("tag_ttl", 300), section.at("tag_ttl")),
+        max_age=(parse_duration(section.data["max_age"], section.at("max_age"))
+                 if section.data.get("max_age") is not None else None),
         library_prefix=section.get("library_prefix", bool, name == DOCKER_HUB),
     )
 

@@ -2,7 +2,8 @@
 
 Usage is tracked in memory (read from the index at start-up, then added to on every publish).
 Past the high watermark, one eviction pass runs in the background and removes least recently
-used content until usage is under the low watermark. What may go is decided by the index:
+used content until usage is under the low watermark; and content unused for longer than its
+upstreams' max_age goes whatever the usage. What may go is decided by the index:
 unpinned manifests, and blobs no cached manifest references, so an image goes as a whole and
 a layer shared with a cached image stays. A blob a client is reading right now is skipped.
 Rows go before files: a crash in between leaves a file the index does not know, which the
@@ -11,8 +12,10 @@ next start-up records again and a later pass evicts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from mirror.config import EvictionConfig
@@ -42,6 +45,8 @@ class Evictor:
         self.usage = 0
         self._reading: Counter[Digest] = Counter()
         self._pass_running = False
+        # One pass at a time: two could pick the same victim and count its size twice.
+        self._lock = asyncio.Lock()
 
     async def open(self) -> None:
         self.usage = (await self._index.usage())[1]
@@ -79,15 +84,32 @@ class Evictor:
         """Down to the low watermark, least recently used first."""
         assert self._config.max_size is not None
         target = self._config.max_size * self._config.low_watermark
+        evicted = await self._remove(lambda: self._index.eviction_candidates(_BATCH), lambda: self.usage > target)
+        if self.usage > target:
+            log.warning("cache holds %d bytes, over its budget, but the rest is pinned or in use", self.usage)
+        return evicted
+
+    async def expire(self, max_ages: Mapping[str, float], now: float) -> list[Evicted]:
+        """Content unused for longer than the max_age of every upstream that links it."""
+        if not max_ages:
+            return []
+        cutoffs = {upstream: now - age for upstream, age in max_ages.items()}
+        return await self._remove(lambda: self._index.expired_candidates(cutoffs, _BATCH), lambda: True)
+
+    async def _remove(self, candidates: Callable[[], Awaitable[list[tuple[Digest, int]]]],
+                      wanted: Callable[[], bool]) -> list[Evicted]:
+        async with self._lock:
+            return await self._remove_locked(candidates, wanted)
+
+    async def _remove_locked(self, candidates: Callable[[], Awaitable[list[tuple[Digest, int]]]],
+                             wanted: Callable[[], bool]) -> list[Evicted]:
         evicted: list[Evicted] = []
-        while self.usage > target:
-            candidates = [(d, size) for d, size in await self._index.eviction_candidates(_BATCH)
-                          if d not in self._reading]
-            if not candidates:
-                log.warning("cache holds %d bytes, over its budget, but the rest is pinned or in use", self.usage)
+        while wanted():
+            batch = [(d, size) for d, size in await candidates() if d not in self._reading]
+            if not batch:
                 break
-            for digest, size in candidates:
-                if self.usage <= target or digest in self._reading:
+            for digest, size in batch:
+                if not wanted() or digest in self._reading:
                     continue
                 released = await self._index.forget(digest)
                 self._store.remove(digest)

@@ -222,6 +222,25 @@ class Index:
             return [(Digest.parse(digest), int(size)) for digest, size in rows]
         return await self._run(query)
 
+    async def expired_candidates(self, cutoffs: Mapping[str, float], limit: int) -> list[tuple[Digest, int]]:
+        """(digest, size) of unpinned content no cached manifest references, last accessed
+        before the cutoff of every upstream that links it; an upstream without a cutoff keeps
+        what it links."""
+        await self.flush_access()
+        keeps = " ".join("WHEN ? THEN ?" for _ in cutoffs)
+        arguments = [value for upstream, cutoff in cutoffs.items() for value in (upstream, cutoff)]
+
+        def query() -> list[tuple[Digest, int]]:
+            rows = self.db.execute(
+                "SELECT b.digest, b.size FROM blobs b WHERE b.pinned = 0 AND NOT EXISTS ("
+                "SELECT 1 FROM refs r JOIN blobs p ON p.digest = r.parent WHERE r.child = b.digest) "
+                "AND EXISTS (SELECT 1 FROM links l WHERE l.digest = b.digest) "
+                "AND NOT EXISTS (SELECT 1 FROM links l WHERE l.digest = b.digest "
+                f"AND b.last_access >= CASE l.upstream {keeps} ELSE -1e300 END) "
+                "ORDER BY b.last_access LIMIT ?", (*arguments, limit)).fetchall()
+            return [(Digest.parse(digest), int(size)) for digest, size in rows]
+        return await self._run(query)
+
     async def forget(self, digest: Digest) -> bool:
         """Drop everything recorded about evicted content, and the tags that named it. True if
         it referenced other content, which may now be free to go too."""

@@ -131,6 +131,7 @@ class BlobWriter:
         self.written = 0
         self.committed = False
         self._pending: asyncio.Future[None] | None = None
+        self._broken: OSError | None = None
 
     def open_reader(self) -> int:
         """A read-only descriptor on the growing file, for readers that tail it with pread.
@@ -146,10 +147,15 @@ class BlobWriter:
     async def _in_thread(self, work: Callable[..., None], *args: Any) -> None:
         """Blocking file work in a worker thread. A thread cannot be cancelled, so the work is
         shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
+        if self._broken is not None:
+            raise CacheWriteError(self._broken)
         self._pending = asyncio.ensure_future(asyncio.to_thread(work, *args))
         try:
             await asyncio.shield(self._pending)
         except OSError as exc:
+            # A failed write may have landed in part, and the hash has seen all of it: this
+            # writer can never produce a whole blob again.
+            self._broken = exc
             raise CacheWriteError(exc) from exc
 
     def _absorb(self, data: bytes | bytearray | memoryview) -> None:

@@ -154,3 +154,35 @@ async def test_gc_evicts_now_and_dry_run_changes_nothing(fake: FakeUpstream, mak
     assert code == 0 and done["evicted"] == dry["evicted"]
     assert not any((cache / "blobs" / "sha256" / e["digest"][7:9] / e["digest"][7:]).exists() for e in done["evicted"])
     assert (cache / "blobs" / "sha256" / images[2].layers[0][7:9] / images[2].layers[0][7:]).exists()
+
+
+async def test_content_unused_past_max_age_expires(fake: FakeUpstream, make_mirror: MirrorFactory,
+                                                   client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """max_age counts from the last pull; an upstream without one keeps what it links."""
+    a = add_image(fake, "team/a", layers=[layer(1)], seed=1)
+    b = add_image(fake, "team/b", layers=[layer(2)], seed=2)
+    c = add_image(fake, "team/c", layers=[layer(3)], seed=3)
+    now = [0.0]
+    mirror = await make_mirror({"docker.io": fake.url, "keep.test": fake.url}, clock=lambda: now[0],
+                               max_ages={"docker.io": 100.0})
+    await pull(client, mirror, "team/a", (a.config, *a.layers))
+    await pull(client, mirror, "keep.test/team/c", (c.config, *c.layers))
+    now[0] = 150.0
+    await pull(client, mirror, "team/b", (b.config, *b.layers))
+
+    expired = await mirror.services.evictor.expire({"docker.io": 100.0}, 200.0)
+    assert {str(e.digest) for e in expired} == {a.digest, a.config, *a.layers}
+    assert all(cached(mirror, d) for d in (b.digest, *b.layers, c.digest, *c.layers))
+    await mirror.server.close()
+
+    # The same through configuration and `mirror gc`, at the real time: b is old by now too.
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"""
+upstreams:
+  - {{name: docker.io, url: "{fake.url}", max_age: 100s}}
+  - {{name: keep.test, url: "{fake.url}"}}
+""")
+    code, out = mirror_cli("gc", "--json", "--config", str(config), cache=mirror.services.config.cache_dir)
+    assert code == 0, out
+    assert {e["digest"] for e in json.loads(out)["evicted"]} == {b.digest, b.config, *b.layers}
+    assert all(cached(mirror, d) for d in (c.digest, c.config, *c.layers)), "kept: keep.test has no max_age"
