@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         pin.add_argument("reference", metavar="IMAGE",
                          help="as a client names it: alpine:3.19, docker.io/library/alpine:3.19, "
                               "ghcr.io/owner/repo@sha256:...")
+        pin.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     return parser
 
 
@@ -110,7 +111,7 @@ def collect(config: Config, dry_run: bool, as_json: bool) -> int:
     return 0
 
 
-def set_pin(config: Config, reference: str, pinned: bool) -> int:
+def set_pin(config: Config, reference: str, pinned: bool, as_json: bool) -> int:
     try:
         route = Router(config).resolve(_manifest_path(reference))
     except MirrorError as exc:
@@ -123,7 +124,10 @@ def set_pin(config: Config, reference: str, pinned: bool) -> int:
         print(f"mirror: {route.upstream.name}/{route.name}:{route.reference} is not cached; pull it through "
               "the mirror first", file=sys.stderr)
         return 1
-    print(f"{'pinned' if pinned else 'unpinned'} {route.upstream.name}/{route.name} {digest}")
+    if as_json:
+        print(json.dumps({"upstream": route.upstream.name, "name": route.name, "digest": digest, "pinned": pinned}))
+    else:
+        print(f"{'pinned' if pinned else 'unpinned'} {route.upstream.name}/{route.name} {digest}")
     return 0
 
 
@@ -185,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gc":
         return collect(config, args.dry_run, args.json)
     if args.command in ("pin", "unpin"):
-        return set_pin(config, args.reference, args.command == "pin")
+        return set_pin(config, args.reference, args.command == "pin", args.json)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("mirror")
     for upstream in config.upstreams:

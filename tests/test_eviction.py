@@ -125,6 +125,9 @@ async def test_pin_and_unpin_by_image_reference(fake: FakeUpstream, make_mirror:
     for reference in ("a", "docker.io/library/a:latest", f"library/a@{a.digest}"):
         assert mirror_cli("pin", reference, cache=cache) == (0, f"pinned docker.io/library/a {a.digest}\n")
     assert mirror_cli("unpin", "a", cache=cache) == (0, f"unpinned docker.io/library/a {a.digest}\n")
+    code, out = mirror_cli("pin", "a", "--json", cache=cache)
+    assert (code, json.loads(out)) == (0, {"upstream": "docker.io", "name": "library/a", "digest": a.digest,
+                                           "pinned": True})
     code, message = mirror_cli("pin", "quay.io/x/y:1", cache=cache)
     assert code == 2 and "not configured" in message
 
