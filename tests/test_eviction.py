@@ -15,7 +15,7 @@ from mirror.config import EvictionConfig
 from mirror.oci import Digest
 from tests.conftest import Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream
-from tests.test_faults import ACCEPT, add_image, blob_url, manifest_url
+from tests.test_faults import ACCEPT, Image, add_image, blob_url, manifest_url
 
 KB = 1000
 
@@ -45,15 +45,19 @@ def mirror_cli(*args: str, cache: Path) -> tuple[int, str]:
     return result.returncode, result.stdout or result.stderr
 
 
+def three_images(fake: FakeUpstream) -> tuple[Image, Image, Image]:
+    """team/a, team/b and team/c: a config and one 100 kB layer each."""
+    a, b, c = (add_image(fake, f"team/{name}", layers=[layer(seed)], seed=seed) for seed, name in enumerate("abc", 1))
+    return a, b, c
+
+
 def cached(mirror: Mirror, digest: str) -> bool:
     return mirror.services.store.size(Digest.parse(digest)) is not None
 
 
 async def test_least_recently_used_image_goes_first(fake: FakeUpstream, make_mirror: MirrorFactory,
                                                     client: aiohttp.ClientSession) -> None:
-    a = add_image(fake, "team/a", layers=[layer(1)], seed=1)
-    b = add_image(fake, "team/b", layers=[layer(2)], seed=2)
-    c = add_image(fake, "team/c", layers=[layer(3)], seed=3)
+    a, b, c = three_images(fake)
     now = [1.0]
     mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0],
                                eviction=EvictionConfig(max_size=300 * KB, high_watermark=0.9, low_watermark=0.8))
@@ -94,9 +98,7 @@ async def test_a_layer_another_cached_image_uses_stays(fake: FakeUpstream, make_
 
 async def test_pinned_images_and_blobs_being_read_are_kept(fake: FakeUpstream, make_mirror: MirrorFactory,
                                                            client: aiohttp.ClientSession) -> None:
-    a = add_image(fake, "team/a", layers=[layer(1)], seed=1)
-    b = add_image(fake, "team/b", layers=[layer(2)], seed=2)
-    c = add_image(fake, "team/c", layers=[layer(3)], seed=3)
+    a, b, c = three_images(fake)
     now = [1.0]
     mirror = await make_mirror({"docker.io": fake.url}, clock=lambda: now[0],
                                eviction=EvictionConfig(max_size=250 * KB, high_watermark=0.9, low_watermark=0.5))
@@ -162,9 +164,7 @@ async def test_gc_evicts_now_and_dry_run_changes_nothing(fake: FakeUpstream, mak
 async def test_content_unused_past_max_age_expires(fake: FakeUpstream, make_mirror: MirrorFactory,
                                                    client: aiohttp.ClientSession, tmp_path: Path) -> None:
     """max_age counts from the last pull; an upstream without one keeps what it links."""
-    a = add_image(fake, "team/a", layers=[layer(1)], seed=1)
-    b = add_image(fake, "team/b", layers=[layer(2)], seed=2)
-    c = add_image(fake, "team/c", layers=[layer(3)], seed=3)
+    a, b, c = three_images(fake)
     now = [0.0]
     mirror = await make_mirror({"docker.io": fake.url, "keep.test": fake.url}, clock=lambda: now[0],
                                max_ages={"docker.io": 100.0})
