@@ -50,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.images import push_blob_stream  # noqa: E402
-from tests.support.registry import LocalRegistry, find_registry_binary  # noqa: E402
+from tests.support.registry import LocalRegistry, find_registry_binary, stop_process  # noqa: E402
 
 REPOSITORY = "library/bench"
 GEN_CHUNK = 64 << 20
@@ -194,15 +194,8 @@ class MirrorProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=MIRROR_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, MIRROR_STOP_TIMEOUT)
 
 
 def read_status(pid: int) -> dict[str, int]:

@@ -18,7 +18,7 @@ middleware in `mirror.handlers`). The tree:
     ├── Unsupported          405 UNSUPPORTED        push, delete and other writes
     ├── TooManyRequests      429 TOOMANYREQUESTS    the upstream rate-limits us (carries Retry-After)
     ├── Unavailable          503 UNAVAILABLE        the upstream is unreachable, times out or fails
-    │   └── CacheWriteError                         the cache cannot take the bytes (disk full, I/O)
+    ├── CacheWriteError      503 UNAVAILABLE        the cache cannot take the bytes (disk full, I/O)
     ├── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest
     └── Internal             500 UNKNOWN            a bug in the mirror (logged with its traceback)
 """
@@ -106,9 +106,12 @@ class Unavailable(MirrorError):
     code, status = "UNAVAILABLE", 503
 
 
-class CacheWriteError(Unavailable):
+class CacheWriteError(MirrorError):
     """The cache's disk refused a write: the fill fails, nothing is published, and what is
-    already cached is still served."""
+    already cached is still served. Not an Unavailable: the upstream is not at fault, and
+    nothing retries it as if it were."""
+
+    code, status = "UNAVAILABLE", 503
 
     def __init__(self, error: OSError) -> None:
         if error.errno == errno.ENOSPC:

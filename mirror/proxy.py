@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mirror.errors import (
     BlobUnknown,
+    CacheWriteError,
     Denied,
     IntegrityError,
     ManifestInvalid,
@@ -125,7 +126,7 @@ class Proxy:
                 result = await self._fetches.run(
                     ("revalidate", upstream.name, route.name, reference.tag),
                     lambda: self._revalidate(upstream, route.name, reference, cached))
-        except (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, TimeoutError) as exc:
+        except (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, CacheWriteError, TimeoutError) as exc:
             log.warning("serving %s/%s:%s stale: %s", upstream.name, route.name, reference.tag,
                         getattr(exc, "message", "revalidation timed out"))
             return replace(cached, cache=CacheResult.STALE)

@@ -28,7 +28,6 @@ from yarl import URL
 from mirror.config import UpstreamConfig
 from mirror.errors import (
     BlobUnknown,
-    CacheWriteError,
     Denied,
     IntegrityError,
     ManifestInvalid,
@@ -277,10 +276,6 @@ class Upstream:
                 if sink.size is None or sink.written == sink.size:
                     return
                 raise Unavailable(f"upstream {self.name} ended {digest} after {sink.written} bytes")
-            except CacheWriteError:
-                # Our own disk refused the bytes: the upstream is not at fault, and a resume would
-                # append after a partial write. The fill is over.
-                raise
             except (TimeoutError, aiohttp.ClientError, Unavailable) as exc:
                 if not sink.begun:
                     raise exc if isinstance(exc, Unavailable) else Unavailable(

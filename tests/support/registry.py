@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 START_TIMEOUT = 20.0
 """Seconds to wait for ``GET /v2/`` to answer 200 before giving up."""
@@ -192,13 +192,8 @@ class LocalRegistry:
     def stop(self) -> None:
         """Terminate the process (kill if it lingers); safe to call more than once."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -213,3 +208,14 @@ class LocalRegistry:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float) -> None:
+    """Terminate, and kill if it is still there after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
