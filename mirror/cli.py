@@ -29,10 +29,12 @@ it serves what it has cached and fetches the rest from the upstream registries o
 SERVE_EPILOG = """\
 Settings come from defaults < the YAML file (--config or $MIRROR_CONFIG) < environment
 ($MIRROR_LISTEN, $MIRROR_CACHE_DIR, $MIRROR_UPSTREAMS="NAME=URL ...", $MIRROR_DEFAULT_UPSTREAM,
-$MIRROR_LOG_LEVEL) < these flags. With no file and no flags, docker.io means Docker Hub.
+$MIRROR_LOG_LEVEL, $MIRROR_PATH_PREFIX, $MIRROR_MAX_SIZE) < these flags. With no file and
+no flags, docker.io means Docker Hub.
 
 Clients name the upstream per request: containerd's ?ns=<registry>, or the registry as the
-first path segment (/v2/ghcr.io/owner/repo/...). Bare names (/v2/library/nginx/...) go to the
+first path segment (/v2/ghcr.io/owner/repo/...), or as a segment before /v2
+(/ghcr.io/v2/owner/repo/...). Bare names (/v2/library/nginx/...) go to the
 default upstream, where a one-segment name means library/<name> as on Docker Hub.
 
 examples:
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "registry host clients use (default: the URL's host). Repeatable.")
     serve.add_argument("--default-upstream", metavar="NAME",
                        help="the upstream for names without a registry (default docker.io)")
+    serve.add_argument("--path-prefix", metavar="PATH",
+                       help="also serve the API under PATH/v2/ (behind a reverse proxy), e.g. /registry")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     ls = commands.add_parser("ls", parents=[common], help="list what is cached",
@@ -176,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         overrides = Overrides(listen=args.listen, cache_dir=args.cache_dir, max_size=args.max_size,
                               upstreams=tuple(args.upstream), default_upstream=args.default_upstream,
-                              log_level=args.log_level)
+                              log_level=args.log_level, path_prefix=args.path_prefix)
     else:
         overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None))
     try:

@@ -24,6 +24,7 @@ DOCKER_HUB_URL = "https://registry-1.docker.io"
 _HOST_RE = re.compile(r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
                       r"|\[[0-9a-fA-F:.]+\]")
 _ALIAS_RE = re.compile(r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?")
+_PREFIX_RE = re.compile(r"(?:/[A-Za-z0-9._-]+)+")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
@@ -82,6 +83,9 @@ class Config:
     timeouts: TimeoutConfig = TimeoutConfig()
     eviction: EvictionConfig = EvictionConfig()
     log_level: str = "info"
+    path_prefix: str = ""
+    """Where the API is mounted (`/registry` serves `/registry/v2/...`), for a reverse proxy or a
+    hosts.toml that names a path; `/v2/...` is still served."""
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -131,6 +135,16 @@ def parse_upstream_flag(value: str, path: str) -> tuple[str, str]:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{path}: expected [NAME=]URL with an http(s) URL, got {value!r}")
     return (name or parts.netloc), url
+
+
+def parse_path_prefix(value: str, path: str) -> str:
+    """`/some/prefix` (a trailing slash is dropped; `/` or empty means none)."""
+    prefix = value.rstrip("/")
+    segments = prefix.split("/")[1:]
+    if prefix and (not _PREFIX_RE.fullmatch(prefix) or any(s in (".", "..", "v2") for s in segments)):
+        raise ConfigError(f"{path}: expected a path such as /registry (segments of letters, digits, '.', '_', '-', "
+                          f"and no 'v2' segment), got {value!r}")
+    return prefix
 
 
 def _check_name(name: str, path: str) -> str:
@@ -245,6 +259,7 @@ class Overrides:
     upstreams: tuple[str, ...] = ()
     default_upstream: str | None = None
     log_level: str | None = None
+    path_prefix: str | None = None
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -263,7 +278,7 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
     return _build(_Section(data, ""), environ, overrides)
 
 
-_SCALARS = ("listen", "cache_dir", "default_upstream", "log_level")
+_SCALARS = ("listen", "cache_dir", "default_upstream", "log_level", "path_prefix")
 
 
 def _scalar_settings(root: _Section, environ: Mapping[str, str],
@@ -282,7 +297,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level",
-                     "max_size", "eviction"})
+                     "max_size", "eviction", "path_prefix"})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -292,6 +307,8 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             config = replace(config, cache_dir=Path(str(value)))
         elif key == "default_upstream":
             config = replace(config, default_upstream=str(value))
+        elif key == "path_prefix":
+            config = replace(config, path_prefix=parse_path_prefix(str(value), origin))
         else:
             config = replace(config, log_level=str(value).lower())
 
@@ -341,6 +358,8 @@ def _validate(config: Config) -> None:
     seen: dict[str, str] = {}
     for i, upstream in enumerate(config.upstreams):
         for key in (upstream.name, *upstream.aliases):
+            if key == "v2":
+                raise ConfigError(f"upstreams[{i}]: 'v2' cannot name an upstream: it marks the registry API in paths")
             if key in seen:
                 raise ConfigError(f"upstreams[{i}]: {key!r} is already used by upstream {seen[key]!r}")
             seen[key] = upstream.name

@@ -70,20 +70,17 @@ class RegistryHandlers:
         self._router = router
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/v2/", self.base, allow_head=True)
-        app.router.add_get("/v2", self.base, allow_head=True)
-        app.router.add_route("*", "/v2/{path:.+}", self.dispatch)
-
-    async def base(self, request: web.Request) -> web.Response:
-        return web.json_response({}, headers=API_VERSION)
+        app.router.add_route("*", "/{path:.*}", self.dispatch)
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         # The raw path, decoded once: `%2e%2e` becomes `..` and then fails the name grammar.
         raw = unquote(request.raw_path.split("?", 1)[0])
-        if not raw.startswith("/v2/"):
-            raise NotFound("no registry API endpoint at this path")
-        path = raw[len("/v2/"):]
-        route = self._router.resolve(path, request.query.get("ns"))
+        named, path = self._router.locate(raw)
+        if not path:
+            if request.method not in ("GET", "HEAD"):
+                raise Unsupported(f"{request.method} is not supported on the API base")
+            return web.json_response({}, headers=API_VERSION)
+        route = self._router.resolve(path, request.query.get("ns"), named)
         if request.method not in ("GET", "HEAD") or route.endpoint is Endpoint.UPLOAD:
             raise Unsupported(f"{request.method} is not supported: this is a read-only pull-through mirror")
         if route.endpoint is Endpoint.MANIFEST:

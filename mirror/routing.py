@@ -1,10 +1,12 @@
 """Which upstream, repository and endpoint a `/v2/...` path means.
 
 Tried in this order: containerd's `?ns=<registry-host>`; a configured registry host or alias
-as the first path segment (`/v2/ghcr.io/owner/repo/...`, `/v2/hub/library/nginx/...`); else
-the default upstream, which is how the Docker daemon's registry-mirrors talk. A first segment
+as the segment before `/v2` (`/ghcr.io/v2/owner/repo/...`, for clients that can only be given a
+URL) or as the first path segment after it (`/v2/ghcr.io/owner/repo/...`, the CRI-O and podman
+mirror style); else the default upstream, which is how the Docker daemon's registry-mirrors talk. A first segment
 that looks like a registry host (it has a dot or a port, or is `localhost`, the same rule as
 Docker's reference grammar) but is not configured is refused: the mirror is never an open proxy.
+All of it may sit under the configured `path_prefix` (`/registry/v2/...`).
 """
 
 from __future__ import annotations
@@ -47,9 +49,28 @@ class Router:
             for alias in upstream.aliases:
                 self._by_key[alias] = upstream
         self._default = config.upstream(config.default_upstream)
+        self._prefix = config.path_prefix
 
-    def resolve(self, path: str, ns: str | None = None) -> Route:
-        """`path` is what follows `/v2/`, already percent-decoded."""
+    def locate(self, path: str) -> tuple[UpstreamConfig | None, str]:
+        """Split a percent-decoded request path at its first `v2` segment: the upstream that a
+        segment before it names (None: not named there), and what follows `/v2/` ("" for the
+        API base)."""
+        segments = path.split("/")
+        if "v2" not in segments:
+            raise NotFound("no registry API endpoint at this path")
+        at = segments.index("v2")
+        before, api = "/".join(segments[:at]), "/".join(segments[at + 1:])
+        if self._prefix and (before == self._prefix or before.startswith(f"{self._prefix}/")):
+            before = before[len(self._prefix):]
+        if not before:
+            return None, api
+        if before.count("/") == 1 and before[1:] in self._by_key:
+            return self._by_key[before[1:]], api
+        raise NotFound(f"no registry API under {before[:200]}")
+
+    def resolve(self, path: str, ns: str | None = None, upstream: UpstreamConfig | None = None) -> Route:
+        """`path` is what follows `/v2/`, already percent-decoded; `upstream` is what `locate`
+        found before `/v2`."""
         if len(path) > 2 * MAX_NAME_LENGTH:
             raise NotFound("request path is too long")
         if match := _UPLOAD_RE.fullmatch(path):
@@ -63,16 +84,20 @@ class Router:
                 endpoint, reference = Endpoint.BLOB, Reference(digest=Digest.parse(match["reference"]))
         else:
             raise NotFound(f"no registry API endpoint at /v2/{path[:200]}")
-        upstream, name = self._upstream_for(match["name"], ns)
+        upstream, name = self._upstream_for(match["name"], ns, upstream)
         if upstream.library_prefix and "/" not in name:
             name = f"library/{name}"
         return Route(upstream, parse_name(name), endpoint, reference)
 
-    def _upstream_for(self, name: str, ns: str | None) -> tuple[UpstreamConfig, str]:
+    def _upstream_for(self, name: str, ns: str | None,
+                      named: UpstreamConfig | None) -> tuple[UpstreamConfig, str]:
+        # `ns` is the registry the client means; a prefix was only chosen to reach this mirror.
         if ns is not None:
             if ns not in self._by_key:
                 raise Denied(f"registry {ns[:100]!r} is not configured on this mirror")
             return self._by_key[ns], name
+        if named is not None:
+            return named, name
         first, sep, rest = name.partition("/")
         if sep and first in self._by_key:
             return self._by_key[first], rest

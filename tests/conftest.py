@@ -132,11 +132,11 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
     async def make(upstreams: dict[str, str], *, tag_ttl: float = 300.0, cache_dir: Path | None = None,
                    clock: Callable[[], float] | None = None, timeouts: TimeoutConfig | None = None,
                    eviction: EvictionConfig | None = None, max_ages: dict[str, float] | None = None,
-                   **upstream_options: object) -> Mirror:
+                   path_prefix: str = "", **upstream_options: object) -> Mirror:
         config = Config(
             host="127.0.0.1", port=0, cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
             default_upstream=next(iter(upstreams)), timeouts=timeouts or TimeoutConfig(),
-            eviction=eviction or EvictionConfig(),
+            eviction=eviction or EvictionConfig(), path_prefix=path_prefix,
             upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
                                            max_age=(max_ages or {}).get(name),
                                            **upstream_options)  # type: ignore[arg-type]

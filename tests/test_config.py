@@ -20,7 +20,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_loads_with_every_documented_key() -> None:
     config = load(ROOT / "config.example.yaml", environ={})
-    assert (config.host, config.port, config.default_upstream) == ("0.0.0.0", 5000, "docker.io")
+    assert (config.host, config.port, config.default_upstream, config.path_prefix) == (
+        "0.0.0.0", 5000, "docker.io", "/registry")
     hub, ghcr = config.upstreams
     assert (hub.name, hub.url, hub.aliases, hub.tag_ttl, hub.library_prefix) == (
         "docker.io", DOCKER_HUB_URL, ("hub",), 300.0, True)
@@ -50,6 +51,13 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
     assert (config.port, str(config.cache_dir)) == (7000, "/from/env")
     config = load(path, environ=env, overrides=Overrides(listen="[::1]:8000"))
     assert (config.host, config.port, str(config.cache_dir)) == ("::1", 8000, "/from/env")
+
+
+@pytest.mark.parametrize(("value", "prefix"), [("/registry", "/registry"), ("/a/b.c/", "/a/b.c"), ("/", "")])
+def test_path_prefix(tmp_path: Path, value: str, prefix: str) -> None:
+    assert load(write(tmp_path, f"path_prefix: {value}"), environ={}).path_prefix == prefix
+    assert load(None, environ={"MIRROR_PATH_PREFIX": "/env"}, overrides=Overrides(path_prefix=value)
+                ).path_prefix == prefix
 
 
 def test_upstream_flags_replace_by_name_or_add() -> None:
@@ -98,6 +106,11 @@ default_upstream: a.example
     ("eviction: {high_watermark: 1.5}", "eviction.high_watermark: expected a fraction"),
     ("eviction: {high_watermark: 0.5, low_watermark: 0.6}", "eviction.low_watermark: must not be above"),
     ("eviction: {size: 1}", "eviction.size: unknown key"),
+    ("path_prefix: registry", "path_prefix: expected a path"),
+    ("path_prefix: /a/../b", "path_prefix: expected a path"),
+    ("path_prefix: /mirror/v2", "path_prefix: expected a path"),
+    ("path_prefix: '/a b'", "path_prefix: expected a path"),
+    ("upstreams:\n  - {name: docker.io, url: 'http://x', aliases: [v2]}", "upstreams[0]: 'v2' cannot name"),
 ])
 def test_bad_config_names_the_key_path(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -271,6 +271,9 @@ async def test_stale_tag_served_when_upstream_is_gone(make_mirror: MirrorFactory
     ("/v2/ghcr.io/owner/repo/manifests/latest", 403, "DENIED"),
     ("/v2/library/alpine/manifests/latest?ns=quay.io", 403, "DENIED"),
     ("/v2/library/alpine/nonsense", 404, "NOT_FOUND"),
+    ("/elsewhere/v2/library/alpine/manifests/latest", 404, "NOT_FOUND"),
+    ("/docker.io/extra/v2/library/alpine/manifests/latest", 404, "NOT_FOUND"),
+    ("/index.html", 404, "NOT_FOUND"),
 ])
 async def test_errors_are_oci_json(path: str, status: int, code: str, make_mirror: MirrorFactory,
                                    counting: Counting, client: aiohttp.ClientSession) -> None:
@@ -295,14 +298,25 @@ async def test_writes_are_unsupported(method: str, make_mirror: MirrorFactory, c
     assert counting.count() == 0
 
 
+@pytest.mark.parametrize("path_prefix", ["", "/some/prefix"])
 async def test_registry_host_prefix_and_ns_route_to_the_named_upstream(
-        make_mirror: MirrorFactory, registry: Registry, counting: Counting, client: aiohttp.ClientSession) -> None:
+        path_prefix: str, make_mirror: MirrorFactory, registry: Registry, counting: Counting,
+        client: aiohttp.ClientSession) -> None:
     image = registry.images["team"]
-    mirror = await make_mirror({"docker.io": "http://127.0.0.1:9", "registry.test": counting.url})
-    for url in (f"{mirror.url}/v2/registry.test/{image.name}/manifests/{image.tag}",
-                f"{mirror.url}/v2/{image.name}/manifests/{image.tag}?ns=registry.test"):
-        status, _, body = await get(client, url, Accept=ACCEPT_ALL)
-        assert (status, body) == (200, image.manifest)
+    mirror = await make_mirror({"docker.io": "http://127.0.0.1:9", "registry.test": counting.url},
+                               path_prefix=path_prefix, aliases=("test",))
+    for mount in {"", path_prefix}:
+        for url in (f"{mirror.url}{mount}/v2/registry.test/{image.name}/manifests/{image.tag}",
+                    f"{mirror.url}{mount}/v2/{image.name}/manifests/{image.tag}?ns=registry.test",
+                    f"{mirror.url}{mount}/registry.test/v2/{image.name}/manifests/{image.tag}",
+                    f"{mirror.url}{mount}/test/v2/{image.name}/manifests/{image.tag}",
+                    # The client's ns wins over a prefix that only served to reach the mirror.
+                    f"{mirror.url}{mount}/docker.io/v2/{image.name}/manifests/{image.tag}?ns=registry.test"):
+            status, _, body = await get(client, url, Accept=ACCEPT_ALL)
+            assert (status, body) == (200, image.manifest), url
+        for base in (f"{mount}/v2/", f"{mount}/v2", f"{mount}/registry.test/v2/"):
+            status, headers, _ = await get(client, f"{mirror.url}{base}")
+            assert (status, headers["Docker-Distribution-API-Version"]) == (200, "registry/2.0"), base
     assert counting.count("GET", "manifests") == 1
 
 
