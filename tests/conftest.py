@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import aiohttp
 import pytest
@@ -18,28 +19,34 @@ from aiohttp.test_utils import TestServer
 
 from mirror.app import SERVICES, Services, create_app
 from mirror.config import Config, EvictionConfig, TimeoutConfig, UpstreamConfig
+from tests.support.clients import Sandbox, system_path
 from tests.support.fake_upstream import FakeUpstream, start_fake
 from tests.support.images import PushedImage, populate
 from tests.support.registry import LocalRegistry, find_registry_binary
 
 # Debian packages that provide the programs the tests drive.
-PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo"}
+PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo", "dockerd": "docker.io", "docker": "docker.io",
+            "containerd": "containerd", "ctr": "containerd", "podman": "podman", "unshare": "util-linux"}
+
+
+def unavailable(message: str) -> NoReturn:
+    """A part of the test set-up cannot be had: a skip locally, a failure in CI (which must have all)."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def require_binary(name: str) -> str:
     """The path of a program the tests need, installed from Debian if we are root. Missing: a
     skip locally, a failure in CI (where every binary must be present)."""
-    found = find_registry_binary() if name == "docker-registry" else shutil.which(name)
+    found = find_registry_binary() if name == "docker-registry" else shutil.which(name, path=system_path())
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "install", "-y", "-qq", PACKAGES[name]], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        found = find_registry_binary() if name == "docker-registry" else shutil.which(name)
+        found = find_registry_binary() if name == "docker-registry" else shutil.which(name, path=system_path())
     if found is None:
-        message = f"{name} is not installed and could not be installed (apt package {PACKAGES[name]})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{name} is not installed and could not be installed (apt package {PACKAGES[name]})")
     return found
 
 
@@ -64,6 +71,23 @@ def skopeo() -> str:
     return require_binary("skopeo")
 
 
+@pytest.fixture(scope="session")
+def namespaces() -> None:
+    """Client daemons may only run where a private mount namespace keeps them off the internet."""
+    if os.geteuid() != 0:
+        unavailable("client daemons run as root in a private mount namespace: run the tests as root")
+    require_binary("unshare")
+    check = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True,
+                           check=False)
+    if check.returncode != 0:
+        unavailable(f"cannot make a private mount namespace for the client daemons: {check.stderr.strip()}")
+
+
+@pytest.fixture
+def sandbox(namespaces: None, tmp_path: Path) -> Sandbox:
+    return Sandbox(tmp_path / "sandbox")
+
+
 @dataclass
 class Counting:
     """A transparent pass-through in front of an upstream that counts what the mirror asks."""
@@ -80,30 +104,46 @@ class Counting:
         self.requests.clear()
 
 
+CountingFactory = Callable[[str], Awaitable[Counting]]
+
+
 @pytest.fixture
-async def counting(registry: Registry) -> AsyncIterator[Counting]:
+async def make_counting() -> AsyncIterator[CountingFactory]:
+    """Builds counting pass-throughs: `await make_counting(upstream_url)`."""
+    servers: list[TestServer] = []
     async with aiohttp.ClientSession(auto_decompress=False) as session:
-        state = Counting("")
 
-        async def forward(request: web.Request) -> web.StreamResponse:
-            state.requests[(request.method, request.path)] += 1
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-            async with session.request(request.method, f"{registry.url}{request.rel_url}", headers=headers,
-                                       allow_redirects=False) as upstream:
-                body = await upstream.read()
-                drop = {"transfer-encoding", "content-encoding"}
-                if request.method != "HEAD":
-                    drop.add("content-length")
-                return web.Response(status=upstream.status, body=None if request.method == "HEAD" else body,
-                                    headers={k: v for k, v in upstream.headers.items() if k.lower() not in drop})
+        async def make(upstream: str) -> Counting:
+            state = Counting("")
 
-        app = web.Application()
-        app.router.add_route("*", "/{path:.*}", forward)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        state.url = str(server.make_url("")).rstrip("/")
-        yield state
-        await server.close()
+            async def forward(request: web.Request) -> web.StreamResponse:
+                state.requests[(request.method, request.path)] += 1
+                headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+                async with session.request(request.method, f"{upstream}{request.rel_url}", headers=headers,
+                                           allow_redirects=False) as reply:
+                    body = await reply.read()
+                    drop = {"transfer-encoding", "content-encoding"}
+                    if request.method != "HEAD":
+                        drop.add("content-length")
+                    return web.Response(status=reply.status, body=None if request.method == "HEAD" else body,
+                                        headers={k: v for k, v in reply.headers.items() if k.lower() not in drop})
+
+            app = web.Application()
+            app.router.add_route("*", "/{path:.*}", forward)
+            server = TestServer(app, host="127.0.0.1")
+            await server.start_server()
+            servers.append(server)
+            state.url = str(server.make_url("")).rstrip("/")
+            return state
+
+        yield make
+        for server in servers:
+            await server.close()
+
+
+@pytest.fixture
+async def counting(registry: Registry, make_counting: CountingFactory) -> Counting:
+    return await make_counting(registry.url)
 
 
 @dataclass

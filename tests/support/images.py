@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import platform
 import random
 import tarfile
 import urllib.error
@@ -19,7 +20,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Literal
+from typing import Any, Literal
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -434,3 +435,34 @@ def populate(base_url: str) -> dict[str, PushedImage]:
             base_url, "team/app", "v1", layers=[random_layer(8 * 1024, 200)]
         ),
     }
+
+
+def host_architecture() -> str:
+    """The OCI architecture a client on this machine resolves a multi-platform image to."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
+
+
+def for_platform(image: PushedImage, architecture: str) -> PushedImage:
+    """The single-platform image a client on `architecture` gets for `image`."""
+    if not image.children:
+        return image
+    for child in image.children:
+        config = json.loads(child.blobs[json.loads(child.manifest)["config"]["digest"]])
+        if config["architecture"] == architecture:
+            return child
+    raise LookupError(f"{image.name}:{image.tag} has no {architecture} image")
+
+
+def config_of(image: PushedImage) -> tuple[str, dict[str, Any]]:
+    """A single-platform image's config digest and document."""
+    digest: str = json.loads(image.manifest)["config"]["digest"]
+    return digest, json.loads(image.blobs[digest])
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The snapshot keys a runtime gives an image's unpacked layers (the OCI image spec's ChainID)."""
+    chain: list[str] = []
+    for diff_id in diff_ids:
+        chain.append(diff_id if not chain else digest_of(f"{chain[-1]} {diff_id}".encode()))
+    return chain
