@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import filecmp
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Counting, MirrorFactory, Registry
-from tests.support.images import for_platform, host_architecture
+from tests.support.images import for_platform, host_architecture, push_index
+from tests.support.snippets import snippet
 
 
 async def skopeo_run(skopeo: str, *args: str) -> str:
@@ -67,3 +69,24 @@ async def test_inspect_through_mirror(skopeo: str, registry: Registry, counting:
     assert info["Architecture"] == host_architecture()
     resolved = for_platform(image, host_architecture())
     assert info["Layers"] == [layer["digest"] for layer in json.loads(resolved.manifest)["layers"]]
+
+
+async def test_readme_skopeo_commands(skopeo: str, registry: Registry, make_mirror: MirrorFactory,
+                                      tmp_path: Path) -> None:
+    prometheus = await asyncio.to_thread(push_index, registry.url, "prometheus/prometheus", "v2.53.0",
+                                         platforms=[("linux", "amd64"), ("linux", "arm64")])
+    mirror = await make_mirror({"docker.io": registry.url, "quay.io": registry.url})
+    for line in snippet("skopeo/copy.sh", mirror.host).splitlines():
+        argv = shlex.split(line)
+        assert argv[0] == "skopeo"
+        process = await asyncio.create_subprocess_exec(skopeo, *argv[1:], cwd=tmp_path, stderr=asyncio.subprocess.PIPE)
+        _, err = await process.communicate()
+        assert process.returncode == 0, f"{line}: {err.decode()}"
+    alpine = registry.images["single"]
+    assert (tmp_path / "alpine" / "manifest.json").read_bytes() == alpine.manifest
+    assert (tmp_path / "prometheus" / "manifest.json").read_bytes() == prometheus.manifest
+    copied = tmp_path / "prometheus"
+    for child in prometheus.children:  # --all copies every platform
+        assert (copied / f"{child.digest.removeprefix('sha256:')}.manifest.json").read_bytes() == child.manifest
+    for digest, data in prometheus.blobs.items():
+        assert (copied / digest.removeprefix("sha256:")).read_bytes() == data
