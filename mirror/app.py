@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from mirror.access import ACCESS_LOG, METRICS, AccessLogger
 from mirror.config import Config
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
 from mirror.index import Index
+from mirror.metrics import Metrics
 from mirror.oci import Digest
+from mirror.ops import OpsHandlers
 from mirror.proxy import Proxy
 from mirror.routing import Router
 from mirror.storage import BlobStore
@@ -46,6 +51,8 @@ class Services:
     background: Background
     proxy: Proxy
     evictor: Evictor
+    draining: bool = False
+    """Set on SIGTERM: readiness fails so load balancers stop sending new pulls."""
 
 
 SERVICES = web.AppKey("services", Services)
@@ -53,6 +60,9 @@ SERVICES = web.AppKey("services", Services)
 
 def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware])
+    metrics = app[METRICS] = Metrics()
+    if config.metrics_listen is None:
+        OpsHandlers(metrics, lambda: _readiness(app)).add_routes(app)
     RegistryHandlers(Router(config)).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -79,15 +89,20 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         blob_session = _upstream_session(aiohttp.ClientTimeout(
             total=None, sock_connect=timeouts.connect, sock_read=timeouts.read), aiohttp.TCPConnector(limit=0))
         background = Background()
-        evictor = Evictor(config.eviction, store, index, background)
+        evictor = Evictor(config.eviction, store, index, background, metrics)
         await evictor.open()
         if max_ages := _max_ages(config):
             periodic.append(loop.create_task(_expire(evictor, max_ages, clock or time.time), name="expire"))
-        upstreams = {u.name: Upstream(u, session, blob_session) for u in config.upstreams}
+        upstreams = {u.name: Upstream(u, session, blob_session, metrics) for u in config.upstreams}
         proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
                       clock=clock)
         app[SERVICES] = Services(config, store, index, background, proxy, evictor)
         app[PROXY] = proxy
+        metrics.downloads_in_flight.set_function(lambda: len(proxy.fills))
+        metrics.cache_size.set_function(lambda: evictor.usage)
+        metrics.cache_blobs.set_function(lambda: evictor.blobs)
+        if config.eviction.max_size is not None:
+            metrics.cache_max_size.set(config.eviction.max_size)
         try:
             yield
         finally:
@@ -102,6 +117,66 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def create_ops_app(app: web.Application) -> web.Application:
+    """The /metrics, /healthz and /readyz of `app`, for a listener of their own."""
+    ops = web.Application()
+    ops[METRICS] = app[METRICS]
+    OpsHandlers(app[METRICS], lambda: _readiness(app)).add_routes(ops)
+    return ops
+
+
+async def _readiness(app: web.Application) -> dict[str, str]:
+    services = app.get(SERVICES)
+    if services is None:
+        return {"startup": "the cache is not open yet"}
+    problems = {}
+    if services.draining:
+        problems["shutdown"] = "shutting down"
+    try:
+        await asyncio.to_thread(services.store.check_writable)
+    except OSError as exc:
+        problems["cache"] = f"cannot write to the cache directory: {exc.strerror}"
+    try:
+        await services.index.ping()
+    except Exception as exc:
+        problems["index"] = f"the index does not answer: {type(exc).__name__}"
+    return problems
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """How a mirror app is served: with its access log and metrics hook and its shutdown grace."""
+    return {"access_log_class": AccessLogger, "access_log": ACCESS_LOG, "handle_signals": False,
+            "shutdown_timeout": config.shutdown_grace}
+
+
+async def serve(config: Config, on_ready: Callable[[], None]) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, give responses under way
+    `shutdown_grace` to finish, and close the cache. Downloads still running are abandoned:
+    their temporary files are removed and nothing partial is ever published."""
+    app = create_app(config)
+    listeners = [(web.AppRunner(app, **runner_options(config)), (config.host, config.port))]
+    if config.metrics_listen is not None:
+        listeners.append((web.AppRunner(create_ops_app(app), **runner_options(config)), config.metrics_listen))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        for runner, (host, port) in listeners:
+            await runner.setup()
+            await web.TCPSite(runner, host, port).start()
+        on_ready()
+        await stop.wait()
+        log.info("shutting down: responses under way have %gs to finish", config.shutdown_grace)
+        app[SERVICES].draining = True
+    finally:
+        # The API first; the ops listener last, so probes see the drain until the end.
+        for runner, _ in listeners:
+            await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
 
 
 def _upstream_session(timeout: aiohttp.ClientTimeout,
@@ -158,7 +233,7 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
             await index.open()
             try:
                 await index.reconcile(await asyncio.to_thread(store.scan))
-                evictor = Evictor(config.eviction, files, index, Background())
+                evictor = Evictor(config.eviction, files, index, Background(), Metrics())
                 evictor.usage = (await index.usage())[1]
                 before = evictor.usage
                 evicted = await evictor.expire(_max_ages(config), time.time())

@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aiohttp import web
-
 from mirror import __version__
-from mirror.app import create_app, evict_now
+from mirror.app import evict_now, serve
 from mirror.config import Config, Overrides, load
 from mirror.errors import CacheBusy, ConfigError, MirrorError
 from mirror.index import cached_images, set_pinned
+from mirror.logs import configure as configure_logs
 from mirror.routing import Router
 
 DESCRIPTION = """\
@@ -65,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--path-prefix", metavar="PATH",
                        help="also serve the API under PATH/v2/ (behind a reverse proxy), e.g. /registry")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="text: access lines in Common Log Format; json: one object per line (default text)")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve /metrics, /healthz and /readyz on this address instead of beside the API")
+    serve.add_argument("--shutdown-grace", metavar="DURATION",
+                       help="after SIGTERM, how long responses under way may take to finish (default 30s)")
 
     ls = commands.add_parser("ls", parents=[common], help="list what is cached",
                              description="List the cached tags: repository, tag, digest, size on disk, "
@@ -180,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         overrides = Overrides(listen=args.listen, cache_dir=args.cache_dir, max_size=args.max_size,
                               upstreams=tuple(args.upstream), default_upstream=args.default_upstream,
-                              log_level=args.log_level, path_prefix=args.path_prefix)
+                              log_level=args.log_level, path_prefix=args.path_prefix,
+                              metrics_listen=args.metrics_listen, log_format=args.log_format,
+                              shutdown_grace=args.shutdown_grace)
     else:
         overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None))
     try:
@@ -194,15 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return collect(config, args.dry_run, args.json)
     if args.command in ("pin", "unpin"):
         return set_pin(config, args.reference, args.command == "pin", args.json)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(config.log_level, config.log_format)
     log = logging.getLogger("mirror")
     for upstream in config.upstreams:
         log.info("upstream %s -> %s%s", upstream.name, upstream.url,
                  " (default)" if upstream.name == config.default_upstream else "")
-    # Said once the socket is bound and start-up (cache sweep, index) is done: scripts wait for it.
+
+    def ready() -> None:
+        # Said once the sockets are bound and start-up (cache sweep, index) is done: scripts wait for it.
+        log.info("listening on http://%s:%d", config.host, config.port)
+        if config.metrics_listen is not None:
+            log.info("metrics and health on http://%s:%d", *config.metrics_listen)
+
     try:
-        web.run_app(create_app(config), host=config.host, port=config.port,
-                    print=lambda _: log.info("listening on http://%s:%d", config.host, config.port))
+        asyncio.run(serve(config, ready))
     except CacheBusy as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1

@@ -86,6 +86,12 @@ class Config:
     path_prefix: str = ""
     """Where the API is mounted (`/registry` serves `/registry/v2/...`), for a reverse proxy or a
     hosts.toml that names a path; `/v2/...` is still served."""
+    metrics_listen: tuple[str, int] | None = None
+    """A second listener for /metrics, /healthz and /readyz; None serves them beside the API."""
+    log_format: str = "text"
+    """`text` (access lines in Common Log Format plus fields) or `json` (one object per line)."""
+    shutdown_grace: float = 30.0
+    """After SIGTERM, how long responses under way may take to finish."""
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -260,6 +266,9 @@ class Overrides:
     default_upstream: str | None = None
     log_level: str | None = None
     path_prefix: str | None = None
+    metrics_listen: str | None = None
+    log_format: str | None = None
+    shutdown_grace: str | None = None
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -278,7 +287,8 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
     return _build(_Section(data, ""), environ, overrides)
 
 
-_SCALARS = ("listen", "cache_dir", "default_upstream", "log_level", "path_prefix")
+_SCALARS = ("listen", "cache_dir", "default_upstream", "log_level", "path_prefix", "metrics_listen", "log_format",
+            "shutdown_grace")
 
 
 def _scalar_settings(root: _Section, environ: Mapping[str, str],
@@ -297,7 +307,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level",
-                     "max_size", "eviction", "path_prefix"})
+                     "max_size", "eviction", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -309,6 +319,12 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             config = replace(config, default_upstream=str(value))
         elif key == "path_prefix":
             config = replace(config, path_prefix=parse_path_prefix(str(value), origin))
+        elif key == "metrics_listen":
+            config = replace(config, metrics_listen=parse_listen(str(value), origin))
+        elif key == "log_format":
+            config = replace(config, log_format=str(value).lower())
+        elif key == "shutdown_grace":
+            config = replace(config, shutdown_grace=parse_duration(value, origin))
         else:
             config = replace(config, log_level=str(value).lower())
 
@@ -365,5 +381,9 @@ def _validate(config: Config) -> None:
             seen[key] = upstream.name
     if config.default_upstream not in {u.name for u in config.upstreams}:
         raise ConfigError(f"default_upstream: {config.default_upstream!r} is not a configured upstream")
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
+    if config.metrics_listen == (config.host, config.port) and config.port != 0:
+        raise ConfigError("metrics_listen: must differ from listen")
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {config.log_level!r}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from mirror.config import EvictionConfig
 from mirror.flight import Background
 from mirror.index import Index
+from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.storage import BlobStore
 
@@ -37,23 +38,27 @@ class Evicted:
 
 
 class Evictor:
-    def __init__(self, config: EvictionConfig, store: BlobStore, index: Index, background: Background) -> None:
+    def __init__(self, config: EvictionConfig, store: BlobStore, index: Index, background: Background,
+                 metrics: Metrics) -> None:
         self._config = config
         self._store = store
         self._index = index
         self._background = background
+        self._metrics = metrics
         self.usage = 0
+        self.blobs = 0
         self._reading: Counter[Digest] = Counter()
         self._pass_running = False
         # One pass at a time: two could pick the same victim and count its size twice.
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        self.usage = (await self._index.usage())[1]
+        self.blobs, self.usage = await self._index.usage()
         self._check()
 
     def added(self, size: int) -> None:
         self.usage += size
+        self.blobs += 1
         self._check()
 
     def reading(self, digest: Digest) -> None:
@@ -84,7 +89,8 @@ class Evictor:
         """Down to the low watermark, least recently used first."""
         assert self._config.max_size is not None
         target = self._config.max_size * self._config.low_watermark
-        evicted = await self._remove(lambda: self._index.eviction_candidates(_BATCH), lambda: self.usage > target)
+        evicted = await self._remove(lambda: self._index.eviction_candidates(_BATCH), lambda: self.usage > target,
+                                     "size")
         if self.usage > target:
             log.warning("cache holds %d bytes, over its budget, but the rest is pinned or in use", self.usage)
         return evicted
@@ -94,15 +100,15 @@ class Evictor:
         if not max_ages:
             return []
         cutoffs = {upstream: now - age for upstream, age in max_ages.items()}
-        return await self._remove(lambda: self._index.expired_candidates(cutoffs, _BATCH), lambda: True)
+        return await self._remove(lambda: self._index.expired_candidates(cutoffs, _BATCH), lambda: True, "age")
 
     async def _remove(self, candidates: Callable[[], Awaitable[list[tuple[Digest, int]]]],
-                      wanted: Callable[[], bool]) -> list[Evicted]:
+                      wanted: Callable[[], bool], reason: str) -> list[Evicted]:
         async with self._lock:
-            return await self._remove_locked(candidates, wanted)
+            return await self._remove_locked(candidates, wanted, reason)
 
     async def _remove_locked(self, candidates: Callable[[], Awaitable[list[tuple[Digest, int]]]],
-                             wanted: Callable[[], bool]) -> list[Evicted]:
+                             wanted: Callable[[], bool], reason: str) -> list[Evicted]:
         evicted: list[Evicted] = []
         while wanted():
             batch = [(d, size) for d, size in await candidates() if d not in self._reading]
@@ -114,6 +120,9 @@ class Evictor:
                 released = await self._index.forget(digest)
                 self._store.remove(digest)
                 self.usage -= size
+                self.blobs -= 1
+                self._metrics.evictions.labels(reason).inc()
+                self._metrics.evicted_bytes.labels(reason).inc(size)
                 evicted.append(Evicted(digest, size))
                 if released:
                     break  # what that manifest held may be older than the next candidate: ask again

@@ -65,6 +65,9 @@ class Coalescer(Generic[K, V]):
         self._background = background
         self._inflight: dict[K, asyncio.Task[V]] = {}
 
+    def running(self, key: K) -> bool:
+        return key in self._inflight
+
     async def run(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> V:
         task = self._inflight.get(key)
         if task is None:
@@ -194,6 +197,9 @@ class Fills:
         self._store = store
         self._background = background
         self._fills: dict[Digest, Fill] = {}
+
+    def __len__(self) -> int:
+        return len(self._fills)
 
     def active(self, digest: Digest) -> Fill | None:
         return self._fills.get(digest)

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
+from mirror.access import CACHE_HEADER, ROUTE, SENT, UPSTREAM
 from mirror.errors import Internal, MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
 from mirror.proxy import CachedBlob, CacheResult, Proxy
 from mirror.routing import Endpoint, Route, Router
@@ -27,7 +28,6 @@ from mirror.routing import Endpoint, Route, Router
 log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
-CACHE_HEADER = "X-Mirror-Cache"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROXY = web.AppKey("proxy", Proxy)
@@ -77,10 +77,13 @@ class RegistryHandlers:
         raw = unquote(request.raw_path.split("?", 1)[0])
         named, path = self._router.locate(raw)
         if not path:
+            request[ROUTE] = "base"
             if request.method not in ("GET", "HEAD"):
                 raise Unsupported(f"{request.method} is not supported on the API base")
             return web.json_response({}, headers=API_VERSION)
         route = self._router.resolve(path, request.query.get("ns"), named)
+        request[ROUTE] = route.endpoint.value if route.endpoint is not Endpoint.UPLOAD else "other"
+        request[UPSTREAM] = route.upstream.name
         if request.method not in ("GET", "HEAD") or route.endpoint is Endpoint.UPLOAD:
             raise Unsupported(f"{request.method} is not supported: this is a read-only pull-through mirror")
         if route.endpoint is Endpoint.MANIFEST:
@@ -143,6 +146,7 @@ class RegistryHandlers:
             await blob.fill.verified()
         await response.prepare(request)
         loop = asyncio.get_running_loop()
+        request[SENT] = 0
         try:
             async with aclosing(blob.fill.windows(start, end)) as windows:
                 async for file, offset, count in windows:
@@ -155,6 +159,7 @@ class RegistryHandlers:
                         # Zero-copy from the growing cache file (asyncio falls back to copying
                         # where the transport cannot sendfile, e.g. TLS).
                         await loop.sendfile(request.transport, file, offset, count)
+                    request[SENT] += count
         except ConnectionError:
             return response
         except MirrorError as error:
@@ -206,13 +211,17 @@ class CachedBlobResponse(web.FileResponse):
         self._ignore_range = ignore_range
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        original = request
         try:
             if self._ignore_range:
                 # A Range that cannot be parsed is ignored (RFC 9110): the whole blob goes.
                 headers = CIMultiDict(request.headers)
                 headers.popall("Range")
                 request = request.clone(headers=headers)
-            return await super().prepare(request)
+            writer = await super().prepare(request)
+            if request.method != "HEAD" and self.status in (200, 206):
+                original[SENT] = self.content_length or 0
+            return writer
         finally:
             self._done()
 

@@ -125,6 +125,10 @@ class Index:
         await self._run(close)
         self._executor.shutdown(wait=True)
 
+    async def ping(self) -> None:
+        """Raises sqlite3.Error unless the index answers (for the readiness probe)."""
+        await self._run(lambda: self.db.execute("SELECT 1 FROM blobs LIMIT 1").fetchall())
+
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 

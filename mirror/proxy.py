@@ -161,7 +161,10 @@ class Proxy:
     async def _fetch_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
                               tag_it: bool) -> ManifestResult:
         key = ("manifest", upstream.name, name, str(reference), accept)
-        return await self._fetches.run(key, lambda: self._download_manifest(upstream, name, reference, accept, tag_it))
+        joined = self._fetches.running(key)
+        result = await self._fetches.run(key, lambda: self._download_manifest(upstream, name, reference, accept,
+                                                                              tag_it))
+        return replace(result, cache=CacheResult.JOINED) if joined else result
 
     async def _download_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
                                  tag_it: bool) -> ManifestResult:

@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,11 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
             swept += 1
         return swept
+
+    def check_writable(self) -> None:
+        """Raises OSError unless a download could start now (for the readiness probe)."""
+        with tempfile.NamedTemporaryFile(dir=self._tmp, prefix="ready-", suffix=".part"):
+            pass
 
     def scan(self) -> dict[str, tuple[int, float]]:
         """Every published blob, as {digest: (size, mtime)}; blocking, for start-up."""

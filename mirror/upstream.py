@@ -38,6 +38,7 @@ from mirror.errors import (
     Unauthorized,
     Unavailable,
 )
+from mirror.metrics import Metrics
 from mirror.oci import MANIFEST_MAX_BYTES, Digest
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,15 @@ class Upstream:
     """One upstream registry, over an aiohttp session the app owns."""
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
-                 blob_session: aiohttp.ClientSession) -> None:
+                 blob_session: aiohttp.ClientSession, metrics: Metrics) -> None:
         """`blob_session` carries blob downloads, which hold a connection for as long as they
         take; `session` everything else, so a manifest never queues behind layers."""
         self.config = config
         self.name = config.name
         self._session = session
         self._blob_session = blob_session
+        self._metrics = metrics
+        self._received = metrics.upstream_bytes.labels(config.name)
         self._tokens: dict[str, tuple[str, float]] = {}
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False
@@ -139,10 +142,13 @@ class Upstream:
         for attempt in (1, 2):
             credential = self._auth_header(scope)
             sent = {**(headers or {}), **credential}
+            started = time.monotonic()
             try:
                 response = await session.request(method, url, headers=sent)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                self._observe(method, None, started)
                 raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
+            self._observe(method, response, started)
             try:
                 # Only the upstream's own challenges are answered: a 401 from a host it
                 # redirected to (a CDN) never gets the mirror's credentials.
@@ -155,6 +161,15 @@ class Upstream:
                 return
             finally:
                 response.release()
+
+    def _observe(self, method: str, response: aiohttp.ClientResponse | None, started: float) -> None:
+        status = "error" if response is None else str(response.status)
+        self._metrics.upstream_requests.labels(self.name, method, status).inc()
+        self._metrics.upstream_seconds.labels(self.name, method).observe(time.monotonic() - started)
+        if response is not None:
+            if response.status == 429:
+                self._metrics.rate_limited.labels(self.name).inc()
+            self._metrics.observe_rate_limit(self.name, response.headers)
 
     async def _authenticate(self, response: aiohttp.ClientResponse, scope: str, rejected: str | None) -> bool:
         """Answer a 401 challenge to a request sent with the `rejected` Authorization (or none);
@@ -205,8 +220,12 @@ class Upstream:
                 raise Unauthorized(f"upstream {self.name} sent the mirror to an untrusted token service "
                                    f"{realm.scheme}://{realm.host}")
             sent = {"Authorization": basic} if basic is not None else None
+            started = time.monotonic()
+            answered = False
             try:
                 async with self._session.get(realm, params=params, headers=sent) as response:
+                    answered = True
+                    self._observe("GET", response, started)
                     if response.status in (401, 403):
                         raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
                     if response.status == 429:
@@ -216,6 +235,8 @@ class Upstream:
                         raise Unavailable(f"upstream {self.name} token service answered {response.status}")
                     body = await response.json(content_type=None)
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                if not answered:
+                    self._observe("GET", None, started)
                 raise Unavailable(f"upstream {self.name} token service failed: {type(exc).__name__}") from exc
             token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
             if not isinstance(token, str):
@@ -269,6 +290,7 @@ class Upstream:
                     # fills the buffer while the last piece is hashed and written), prompt
                     # when the upstream trickles.
                     async for chunk in response.content.iter_any():
+                        self._received.inc(len(chunk))
                         if skip:
                             chunk, skip = chunk[skip:], max(0, skip - len(chunk))
                         if chunk:
@@ -302,6 +324,7 @@ class Upstream:
         body = bytearray()
         try:
             async for chunk in response.content.iter_any():
+                self._received.inc(len(chunk))
                 body += chunk
                 if len(body) > MANIFEST_MAX_BYTES:
                     raise too_big

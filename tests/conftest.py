@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from mirror.app import SERVICES, Services, create_app
+from mirror.app import SERVICES, Services, create_app, runner_options
 from mirror.config import Config, EvictionConfig, TimeoutConfig, UpstreamConfig
 from tests.support.clients import Sandbox, system_path
 from tests.support.fake_upstream import FakeUpstream, start_fake
@@ -182,7 +182,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
                                            **upstream_options)  # type: ignore[arg-type]
                             for name, url in upstreams.items()),
         )
-        server = TestServer(create_app(config, clock=clock), host="127.0.0.1")
+        server = TestServer(create_app(config, clock=clock), host="127.0.0.1", **runner_options(config))
         await server.start_server()
         servers.append(server)
         return Mirror(server, server.app[SERVICES])

@@ -1,0 +1,82 @@
+"""One record per finished request: the access log line and the request metrics.
+
+It is aiohttp's access-logger hook, which runs once a response's last byte is out (or its client
+has gone), so durations and byte counts cover the whole response, sendfile included. Handlers
+leave what only they know on the request: its route, its upstream and, for streamed bodies,
+the bytes sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from mirror.metrics import KINDS, Metrics
+
+METRICS = web.AppKey("metrics", Metrics)
+ROUTE = web.RequestKey("route", str)
+"""The route label: manifest, blob, tags, base or ops."""
+UPSTREAM = web.RequestKey("upstream", str)
+"""The name of the upstream the request went to."""
+SENT = web.RequestKey("sent", int)
+"""Body bytes sent, where aiohttp cannot count them (sendfile, streams)."""
+CACHE_HEADER = "X-Mirror-Cache"
+
+ACCESS_LOG = logging.getLogger("mirror.access")
+
+
+class AccessLogger(AbstractAccessLogger):
+    @property
+    def enabled(self) -> bool:
+        # Metrics count every request, whatever the log level.
+        return True
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        route = request.get(ROUTE, "other")
+        sent = _body_bytes(request, response)
+        cache = response.headers.get(CACHE_HEADER)
+        metrics = request.app.get(METRICS) if isinstance(request, web.Request) else None
+        if metrics is not None:
+            _count(metrics, request.method, route, response.status, sent, cache, time)
+        if self.logger.isEnabledFor(logging.INFO):
+            fields: dict[str, Any] = {
+                "remote": request.remote or "-", "method": request.method, "path": request.path_qs,
+                "protocol": f"HTTP/{request.version.major}.{request.version.minor}", "status": response.status,
+                "bytes": sent, "duration_seconds": round(time, 6), "cache": cache,
+                "upstream": request.get(UPSTREAM), "user_agent": request.headers.get("User-Agent"),
+            }
+            self.logger.info(_common_log_line(fields), extra={"access": fields})
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    if SENT in request:
+        return request[SENT]
+    if request.method == "HEAD" or not isinstance(response, web.Response):
+        return 0
+    body = response.body
+    return len(body) if isinstance(body, bytes | bytearray) else 0
+
+
+def _count(metrics: Metrics, method: str, route: str, status: int, sent: int, cache: str | None,
+           time: float) -> None:
+    metrics.requests.labels(route, method, str(status)).inc()
+    metrics.request_seconds.labels(route).observe(time)
+    if cache is not None and route in KINDS:
+        result = cache.lower()
+        metrics.cache_requests.labels(route, result).inc()
+        if result == "joined":
+            metrics.coalesced.labels(route).inc()
+    if status < 400 and route in ("manifest", "blob", "tags"):
+        metrics.served_bytes.labels("upstream" if cache in (None, "MISS") else "cache").inc(sent)
+
+
+def _common_log_line(fields: dict[str, Any]) -> str:
+    """Common Log Format, then the fields it has no place for."""
+    when = datetime.now(UTC).strftime("%d/%b/%Y:%H:%M:%S +0000")
+    return (f'{fields["remote"]} - - [{when}] "{fields["method"]} {fields["path"]} {fields["protocol"]}" '
+            f'{fields["status"]} {fields["bytes"]} {fields["duration_seconds"]:.3f}s '
+            f'cache={fields["cache"] or "-"} upstream={fields["upstream"] or "-"}')
