@@ -28,10 +28,8 @@ import json
 import logging
 import os
 import random
-import socket
 import sqlite3
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from tests.support.images import (
     push_manifest,
 )
 from tests.support.passthrough import Passthrough, passthrough
+from tests.support.served import Served
 from tests.test_skopeo import copy
 
 MiB = 1 << 20
@@ -161,66 +160,6 @@ def read_index(cache: Path) -> IndexRows:
         )
     finally:
         db.close()
-
-
-# `mirror serve` as a process that can be killed.
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Served:
-    """`mirror serve` in its own process; its log is drained as it comes."""
-
-    def __init__(self, process: asyncio.subprocess.Process, host: str) -> None:
-        self.process = process
-        self.host = host
-        self.url = f"http://{host}"
-        self.log: list[str] = []
-        self.ready = asyncio.Event()
-        self._drain = asyncio.ensure_future(self._read_log())
-
-    @classmethod
-    async def start(cls, cache: Path, upstream: str) -> Served:
-        host = f"127.0.0.1:{free_port()}"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mirror", "serve", "--listen", host, "--cache-dir", str(cache),
-            "--upstream", f"{UPSTREAM}={upstream}", "--log-level", "info",
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        served = cls(process, host)
-        exited = asyncio.ensure_future(process.wait())
-        ready = asyncio.ensure_future(served.ready.wait())
-        try:
-            await asyncio.wait({exited, ready}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            exited.cancel()
-            ready.cancel()
-        if not served.ready.is_set():
-            await served.kill()
-            pytest.fail("mirror serve did not say it was listening within 20 s:\n" + served.tail())
-        return served
-
-    async def _read_log(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            line = raw.decode(errors="replace")
-            self.log.append(line)
-            if "listening on" in line:
-                self.ready.set()
-
-    def tail(self, lines: int = 40) -> str:
-        return "".join(self.log[-lines:])
-
-    async def kill(self) -> None:
-        """SIGKILL: no handler runs, nothing is flushed or cleaned up."""
-        if self.process.returncode is None:
-            self.process.kill()
-        async with asyncio.timeout(TIMEOUT):
-            await self.process.wait()
-            await self._drain
 
 
 # Clients pulling through the mirror, and what they have received.
@@ -419,7 +358,7 @@ async def test_kill_9_during_concurrent_pulls_loses_nothing_and_serves_only_whol
     durable_manifests: set[tuple[str, str, str]] = set()
     held_mid_fill = 0
     async with passthrough(registry.url) as upstream:
-        served = await Served.start(cache, upstream.url)
+        served = await Served.start("--cache-dir", cache, "--upstream", f"{UPSTREAM}={upstream.url}")
         try:
             for number, point in enumerate(kill_points, start=1):
                 # A new repository every round, so every round stores new manifests and rows.
@@ -470,7 +409,7 @@ async def test_kill_9_during_concurrent_pulls_loses_nothing_and_serves_only_whol
                 durable_manifests |= received.manifests
                 durable_blobs |= {(name, d) for name, d in received.blobs if d in on_disk}
 
-                served = await Served.start(cache, upstream.url)
+                served = await Served.start("--cache-dir", cache, "--upstream", f"{UPSTREAM}={upstream.url}")
                 await check_restarted(served, cache, catalogue, upstream, durable_blobs, durable_manifests,
                                       swept=len(partial))
 

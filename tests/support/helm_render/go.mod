@@ -1,0 +1,3 @@
+module helm_render
+
+go 1.19
