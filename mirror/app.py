@@ -169,8 +169,8 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
             await web.TCPSite(runner, host, port).start()
         on_ready()
         await stop.wait()
-        log.info("shutting down: responses under way have %gs to finish", config.shutdown_grace)
         app[SERVICES].draining = True
+        log.info("shutting down: responses under way have %gs to finish", config.shutdown_grace)
     finally:
         # The API first; the ops listener last, so probes see the drain until the end.
         for runner, _ in listeners:

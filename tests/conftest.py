@@ -182,8 +182,8 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
                                            **upstream_options)  # type: ignore[arg-type]
                             for name, url in upstreams.items()),
         )
-        server = TestServer(create_app(config, clock=clock), host="127.0.0.1", **runner_options(config))
-        await server.start_server()
+        server = TestServer(create_app(config, clock=clock), host="127.0.0.1")
+        await server.start_server(**runner_options(config))
         servers.append(server)
         return Mirror(server, server.app[SERVICES])
 
