@@ -28,6 +28,7 @@ def test_example_config_loads_with_every_documented_key() -> None:
     assert (ghcr.name, ghcr.tag_ttl, ghcr.library_prefix) == ("ghcr.io", 600.0, False)
     assert (config.timeouts.connect, config.timeouts.read, config.timeouts.revalidate) == (10.0, 60.0, 5.0)
     assert config.eviction == EvictionConfig(max_size=50 * 1024**3, high_watermark=0.9, low_watermark=0.8)
+    assert (config.log_format, config.metrics_listen, config.shutdown_grace) == ("text", ("0.0.0.0", 9090), 30.0)
 
 
 @pytest.mark.parametrize(("value", "size"), [("50GiB", 50 * 1024**3), ("500MB", 500 * 1000**2), ("2t", 2 * 1000**4),
@@ -106,6 +107,10 @@ default_upstream: a.example
     ("eviction: {high_watermark: 1.5}", "eviction.high_watermark: expected a fraction"),
     ("eviction: {high_watermark: 0.5, low_watermark: 0.6}", "eviction.low_watermark: must not be above"),
     ("eviction: {size: 1}", "eviction.size: unknown key"),
+    ("log_format: xml", "log_format: expected text or json"),
+    ("shutdown_grace: soon", "shutdown_grace: expected a duration"),
+    ("metrics_listen: 9090", "metrics_listen: expected HOST:PORT"),
+    ("listen: '127.0.0.1:5000'\nmetrics_listen: '127.0.0.1:5000'", "metrics_listen: must differ from listen"),
     ("path_prefix: registry", "path_prefix: expected a path"),
     ("path_prefix: /a/../b", "path_prefix: expected a path"),
     ("path_prefix: /mirror/v2", "path_prefix: expected a path"),
