@@ -19,6 +19,7 @@ from aiohttp import web
 
 from mirror.access import ACCESS_LOG, METRICS, AccessLogger
 from mirror.config import Config
+from mirror.connections import GuardedSite
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
@@ -148,7 +149,7 @@ async def _readiness(app: web.Application) -> dict[str, str]:
 def runner_options(config: Config) -> dict[str, Any]:
     """How a mirror app is served: with its access log and metrics hook and its shutdown grace."""
     return {"access_log_class": AccessLogger, "access_log": ACCESS_LOG, "handle_signals": False,
-            "shutdown_timeout": config.shutdown_grace}
+            "shutdown_timeout": config.shutdown_grace, "keepalive_timeout": config.connections.keepalive_timeout}
 
 
 async def serve(config: Config, on_ready: Callable[[], None]) -> None:
@@ -166,7 +167,7 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     try:
         for runner, (host, port) in listeners:
             await runner.setup()
-            await web.TCPSite(runner, host, port).start()
+            await GuardedSite(runner, host, port, config.connections).start()
         on_ready()
         await stop.wait()
         app[SERVICES].draining = True

@@ -62,6 +62,18 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one client may hold: slow or idle connections are closed, and past `max_connections`
+    new ones are refused, so no client can exhaust the mirror's sockets."""
+
+    header_timeout: float = 30.0
+    """A request head (request line and headers) must arrive within this, from its first byte."""
+    keepalive_timeout: float = 75.0
+    """An idle keep-alive connection is closed after this."""
+    max_connections: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
 class EvictionConfig:
     """The disk budget. Past `high_watermark` x `max_size`, least recently used content goes
     until usage is under `low_watermark` x `max_size`. No `max_size`: nothing is evicted."""
@@ -92,6 +104,7 @@ class Config:
     """`text` (access lines in Common Log Format plus fields) or `json` (one object per line)."""
     shutdown_grace: float = 30.0
     """After SIGTERM, how long responses under way may take to finish."""
+    connections: ConnectionLimits = ConnectionLimits()
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -307,7 +320,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level",
-                     "max_size", "eviction", *_SCALARS})
+                     "max_size", "eviction", "connections", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -353,6 +366,15 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             eviction = replace(eviction, max_size=parse_size(value, origin))
     config = replace(config, eviction=eviction)
 
+    if (connections := root.data.get("connections")) is not None:
+        section = _Section(connections, "connections")
+        section.check_keys({"header_timeout", "keepalive_timeout", "max"})
+        limit = section.get("max", int, 4096)
+        if limit < 1:
+            raise ConfigError("connections.max: must be at least 1")
+        durations = {key: parse_duration(section.data.get(key, default), section.at(key))
+                     for key, default in (("header_timeout", 30), ("keepalive_timeout", 75))}
+        config = replace(config, connections=ConnectionLimits(**durations, max_connections=limit))
     if (timeouts := root.data.get("upstream_timeouts")) is not None:
         section = _Section(timeouts, "upstream_timeouts")
         section.check_keys({"connect", "read", "revalidate"})

@@ -8,6 +8,7 @@ middleware in `mirror.handlers`). The tree:
     ├── TagInvalid           400 TAG_INVALID        malformed tag
     ├── DigestInvalid        400 DIGEST_INVALID     malformed digest, or content that fails its digest
     ├── ManifestInvalid      400 MANIFEST_INVALID   an upstream manifest the mirror will not store
+    ├── PaginationInvalid    400 PAGINATION_NUMBER_INVALID  a tag list's `n` that is not a count
     ├── RangeInvalid         416 RANGE_INVALID      unsatisfiable Range
     ├── NameUnknown          404 NAME_UNKNOWN
     ├── ManifestUnknown      404 MANIFEST_UNKNOWN
@@ -48,6 +49,10 @@ class NameInvalid(MirrorError):
 
 class TagInvalid(MirrorError):
     code, status = "TAG_INVALID", 400
+
+
+class PaginationInvalid(MirrorError):
+    code, status = "PAGINATION_NUMBER_INVALID", 400
 
 
 class DigestInvalid(MirrorError):

@@ -21,13 +21,24 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from mirror.access import CACHE_HEADER, ROUTE, SENT, UPSTREAM
-from mirror.errors import Internal, MirrorError, NotFound, RangeInvalid, TooManyRequests, Unsupported
+from mirror.errors import (
+    Internal,
+    MirrorError,
+    NotFound,
+    PaginationInvalid,
+    RangeInvalid,
+    TooManyRequests,
+    Unsupported,
+)
+from mirror.oci import Reference
 from mirror.proxy import CachedBlob, CacheResult, Proxy
 from mirror.routing import Endpoint, Route, Router
 
 log = logging.getLogger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+# The largest tag-list page asked of an upstream.
+MAX_PAGE = 10_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROXY = web.AppKey("proxy", Proxy)
@@ -194,6 +205,10 @@ class RegistryHandlers:
 
     async def tags(self, request: web.Request, route: Route) -> web.Response:
         query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+        if "n" in query and not (query["n"].isascii() and query["n"].isdigit() and int(query["n"]) <= MAX_PAGE):
+            raise PaginationInvalid(f"n must be a count from 0 to {MAX_PAGE}", {"n": query["n"][:20]})
+        if "last" in query:
+            Reference.parse(query["last"])
         body, link = await request.app[PROXY].tags(route, query)
         headers = {**API_VERSION}
         if link:

@@ -38,6 +38,9 @@ class Route:
 
 _UPLOAD_RE = re.compile(r"(?P<name>.+)/blobs/uploads(?:/.*)?")
 _TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
+# A first segment that names a registry rather than a repository (Docker's reference grammar:
+# it has a dot or a port, or is localhost).
+_HOST_RE = re.compile(r"(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|localhost|[a-zA-Z0-9-]+(?=:))(?::[0-9]+)?")
 _CONTENT_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
 
 
@@ -101,6 +104,6 @@ class Router:
         first, sep, rest = name.partition("/")
         if sep and first in self._by_key:
             return self._by_key[first], rest
-        if sep and ("." in first or ":" in first or first == "localhost"):
+        if sep and _HOST_RE.fullmatch(first):
             raise Denied(f"registry {first[:100]!r} is not configured on this mirror")
         return self._default, name

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import DOCKER_HUB_URL, Config, EvictionConfig, Overrides, load
+from mirror.config import DOCKER_HUB_URL, Config, ConnectionLimits, EvictionConfig, Overrides, load
 from mirror.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +29,7 @@ def test_example_config_loads_with_every_documented_key() -> None:
     assert (config.timeouts.connect, config.timeouts.read, config.timeouts.revalidate) == (10.0, 60.0, 5.0)
     assert config.eviction == EvictionConfig(max_size=50 * 1024**3, high_watermark=0.9, low_watermark=0.8)
     assert (config.log_format, config.metrics_listen, config.shutdown_grace) == ("text", ("0.0.0.0", 9090), 30.0)
+    assert config.connections == ConnectionLimits(header_timeout=30.0, keepalive_timeout=75.0, max_connections=4096)
 
 
 @pytest.mark.parametrize(("value", "size"), [("50GiB", 50 * 1024**3), ("500MB", 500 * 1000**2), ("2t", 2 * 1000**4),
@@ -108,6 +109,9 @@ default_upstream: a.example
     ("eviction: {high_watermark: 0.5, low_watermark: 0.6}", "eviction.low_watermark: must not be above"),
     ("eviction: {size: 1}", "eviction.size: unknown key"),
     ("log_format: xml", "log_format: expected text or json"),
+    ("connections: {max: 0}", "connections.max: must be at least 1"),
+    ("connections: {header_timeout: slow}", "connections.header_timeout: expected a duration"),
+    ("connections: {idle: 1}", "connections.idle: unknown key"),
     ("shutdown_grace: soon", "shutdown_grace: expected a duration"),
     ("metrics_listen: 9090", "metrics_listen: expected HOST:PORT"),
     ("listen: '127.0.0.1:5000'\nmetrics_listen: '127.0.0.1:5000'", "metrics_listen: must differ from listen"),
