@@ -1,0 +1,523 @@
+"""The Helm chart (helm/mirror), rendered as `helm template` would by a small Go renderer built from
+Debian's Go packages (tests/support/helm_render), every object checked against Kubernetes' own
+schemas, and what an operator would notice: the config the mirror loads, where passwords live,
+probes, pod security, cache sizes, the Grafana dashboard and the node configuration in NOTES.txt."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
+
+from mirror.config import Config, load
+from tests.conftest import unavailable
+from tests.support.clients import system_path
+from tests.support.snippets import snippet
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "mirror"
+RENDERER = Path(__file__).resolve().parent / "support" / "helm_render"
+FULL_VALUES = Path(__file__).resolve().parent / "support" / "helm-values-full.yaml"
+
+# Debian's Go toolchain and the Go libraries the renderer is built from, in GOPATH mode.
+GO_PACKAGES = ("golang-go", "golang-github-masterminds-sprig-dev", "golang-k8s-sigs-yaml-dev")
+GOCODE = Path("/usr/share/gocode")
+GO_LIBRARIES = (GOCODE / "src/github.com/Masterminds/sprig", GOCODE / "src/sigs.k8s.io/yaml")
+
+RELEASE, NAMESPACE = "mirror", "registry"
+SERVICE_HOST = f"{RELEASE}.{NAMESPACE}.svc.cluster.local:5000"
+GIB = 1024**3
+
+# Every metric the mirror exports; the dashboard may use no other.
+METRICS = {
+    "mirror_http_requests_total", "mirror_http_request_duration_seconds", "mirror_cache_requests_total",
+    "mirror_served_bytes_total", "mirror_upstream_requests_total", "mirror_upstream_request_duration_seconds",
+    "mirror_upstream_bytes_total", "mirror_coalesced_requests_total", "mirror_downloads_in_flight",
+    "mirror_cache_size_bytes", "mirror_cache_blobs", "mirror_cache_max_size_bytes", "mirror_evictions_total",
+    "mirror_evicted_bytes_total", "mirror_upstream_rate_limited_total", "mirror_upstream_ratelimit_remaining",
+    "mirror_upstream_ratelimit_limit", "mirror_build_info", "process_resident_memory_bytes",
+    "process_virtual_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds",
+    "process_start_time_seconds",
+}
+
+# What the Prometheus Operator's ServiceMonitor CRD accepts where the chart writes (kubernetes-validate
+# has no schema for CRDs).
+SERVICE_MONITOR_SPEC = {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels", "podTargetLabels",
+                        "sampleLimit", "targetLimit"}
+SERVICE_MONITOR_ENDPOINT = {"port", "targetPort", "path", "scheme", "interval", "scrapeTimeout", "honorLabels",
+                            "honorTimestamps", "relabelings", "metricRelabelings", "params", "tlsConfig",
+                            "bearerTokenSecret", "basicAuth", "followRedirects", "enableHttp2", "proxyUrl"}
+
+
+def kubernetes_versions() -> tuple[str, ...]:
+    """An older Kubernetes many clusters still run, and the newest the validator knows."""
+    return "1.29", ".".join(str(latest_version()).split(".")[:2])
+
+
+def go_toolchain() -> str:
+    """The go binary, with Debian's sprig and sigs.k8s.io/yaml sources; installed from apt if we are root."""
+    def present() -> str | None:
+        go = shutil.which("go", path=system_path())
+        return go if go and all(library.is_dir() for library in GO_LIBRARIES) else None
+
+    if present() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", *GO_PACKAGES], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+    if (go := present()) is None:
+        unavailable(f"the Go toolchain and libraries to build the chart renderer are missing (apt packages "
+                    f"{' '.join(GO_PACKAGES)})")
+    return go
+
+
+@dataclass(frozen=True)
+class Renderer:
+    binary: Path
+
+    def run(self, *values: Path, notes: bool = False) -> subprocess.CompletedProcess[str]:
+        args = [str(self.binary), "-name", RELEASE, "-namespace", NAMESPACE]
+        args += [f"-f={path}" for path in values] + (["-notes"] if notes else []) + [str(CHART)]
+        return subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
+
+    def manifests(self, *values: Path) -> list[dict[str, Any]]:
+        result = self.run(*values)
+        assert result.returncode == 0, result.stderr
+        return [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+    def notes(self, *values: Path) -> str:
+        result = self.run(*values, notes=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def error(self, *values: Path) -> str:
+        result = self.run(*values)
+        assert result.returncode != 0, "the chart rendered values it should have refused"
+        return result.stderr
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Renderer:
+    """The renderer, built once per session. It must sit inside a GOPATH, beside its go.mod, for
+    GOPATH mode to find Debian's sprig (imported as .../sprig/v3, installed without the /v3)."""
+    go = go_toolchain()
+    gopath = tmp_path_factory.mktemp("helm_render")
+    shutil.copytree(RENDERER, gopath / "src" / "helm_render")
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{gopath}{os.pathsep}{GOCODE}", "GOFLAGS": "",
+           "GOCACHE": str(gopath / "cache")}
+    build = subprocess.run([go, "build", "-o", str(gopath / "helm_render"), "."], cwd=gopath / "src" / "helm_render",
+                           env=env, capture_output=True, text=True, check=False)
+    assert build.returncode == 0, f"the chart renderer does not build:\n{build.stderr}"
+    return Renderer(gopath / "helm_render")
+
+
+@pytest.fixture(scope="module")
+def default(helm: Renderer) -> list[dict[str, Any]]:
+    return helm.manifests()
+
+
+@pytest.fixture(scope="module")
+def full(helm: Renderer) -> list[dict[str, Any]]:
+    return helm.manifests(FULL_VALUES)
+
+
+ValuesFile = Callable[[dict[str, Any]], Path]
+
+
+@pytest.fixture
+def values(tmp_path: Path) -> ValuesFile:
+    """Writes a values file: `values({"replicaCount": 2})`."""
+    def write(data: dict[str, Any]) -> Path:
+        path = tmp_path / f"values{len(list(tmp_path.glob('values*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, "StatefulSet")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (only,) = pod_spec(docs)["containers"]
+    assert isinstance(only, dict)
+    return only
+
+
+def config_text(docs: list[dict[str, Any]]) -> str:
+    text: str = find(docs, "ConfigMap", RELEASE)["data"]["config.yaml"]
+    return text
+
+
+def quantity_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)Gi", quantity)
+    assert match, quantity
+    return int(match[1]) * GIB
+
+
+def materialise_secrets(docs: list[dict[str, Any]], root: Path, existing: str) -> dict[str, str]:
+    """Writes the files the pod would see under its secrets mount into `root`, from the chart's
+    Secret and the projected volume's items (an existing Secret's value is `existing`); returns
+    what was written, by path inside the container."""
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    volume = next((v for v in pod_spec(docs)["volumes"] if v["name"] == "secrets"), None)
+    if volume is None:
+        return {}
+    own = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Secret"}
+    written = {}
+    for source in volume["projected"]["sources"]:
+        secret = own.get(source["secret"]["name"])
+        for item in source["secret"]["items"]:
+            value = base64.b64decode(secret["data"][item["key"]]).decode() if secret else existing
+            target = root / item["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(value)
+            written[f"{mounts['secrets']}/{item['path']}"] = value
+    return written
+
+
+def load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path) -> Config:
+    """The mirror's own loader reading the ConfigMap's config.yaml, with the Secret files the pod
+    would have in place of /etc/mirror/secrets."""
+    secrets = tmp_path / "secrets"
+    materialise_secrets(docs, secrets, existing="from-existing-secret")
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(docs).replace("/etc/mirror/secrets/", f"{secrets}/"))
+    return load(path, environ={})
+
+
+def check_service_monitor(monitor: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """A ServiceMonitor's fields by hand: its schema is a CRD the validator does not have."""
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor["metadata"]) <= {"name", "namespace", "labels", "annotations"}
+    spec = monitor["spec"]
+    assert set(spec) <= SERVICE_MONITOR_SPEC, set(spec) - SERVICE_MONITOR_SPEC
+    assert spec["endpoints"], "a ServiceMonitor without endpoints scrapes nothing"
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= SERVICE_MONITOR_ENDPOINT, set(endpoint) - SERVICE_MONITOR_ENDPOINT
+        for duration in ("interval", "scrapeTimeout"):
+            assert re.fullmatch(r"(\d+(ms|s|m|h))+", endpoint.get(duration, "1s")), endpoint
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selected = [s for s in docs if s["kind"] == "Service"
+                and spec["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert len(selected) == 1, "the ServiceMonitor must select exactly one Service, or each pod is scraped twice"
+    assert {p["name"] for p in selected[0]["spec"]["ports"]} >= {e["port"] for e in spec["endpoints"]}
+
+
+@pytest.mark.parametrize("which", ["default", "full"])
+def test_every_object_is_valid_kubernetes(which: str, request: pytest.FixtureRequest) -> None:
+    docs: list[dict[str, Any]] = request.getfixturevalue(which)
+    kinds = sorted(d["kind"] for d in docs)
+    expected = ["ConfigMap", "Service", "Service", "ServiceAccount", "StatefulSet"]
+    if which == "full":
+        expected = sorted([*expected, "ConfigMap", "PodDisruptionBudget", "Secret", "ServiceMonitor"])
+    assert kinds == expected
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "mirror" and labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm" and labels["helm.sh/chart"] == "mirror-0.1.0"
+        if doc["kind"] == "ServiceMonitor":
+            check_service_monitor(doc, docs)
+            continue
+        if doc["kind"] == "StatefulSet":
+            for volume in doc["spec"]["template"]["spec"]["volumes"]:
+                sources = [value for key, value in volume.items() if key != "name"]
+                assert len(sources) == 1 and isinstance(sources[0], dict), f"volume {volume} needs one source"
+        for version in kubernetes_versions():
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                pytest.fail(f"{doc['kind']} {doc['metadata']['name']} is invalid for Kubernetes {version}: "
+                            f"{'.'.join(map(str, error.path))}: {error.message}")
+
+
+@pytest.mark.parametrize("which", ["default", "full"])
+def test_services_and_budget_select_the_pods(which: str, request: pytest.FixtureRequest) -> None:
+    docs: list[dict[str, Any]] = request.getfixturevalue(which)
+    statefulset = find(docs, "StatefulSet")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {p["name"]: p["containerPort"] for p in container(docs)["ports"]}
+    assert ports == {"http": 5000, "metrics": 9090}
+    services = {s["metadata"]["name"]: s["spec"] for s in docs if s["kind"] == "Service"}
+    assert services[statefulset["spec"]["serviceName"]]["clusterIP"] == "None"
+    for spec in services.values():
+        assert spec["selector"].items() <= pod_labels.items()
+        assert {(p["name"], p["targetPort"]) for p in spec["ports"]} == {("http", "http"), ("metrics", "metrics")}
+    main = services[RELEASE]
+    assert {p["name"]: p["port"] for p in main["ports"]} == {"http": 5000, "metrics": 9090}
+    budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    if which == "full":
+        (budget,) = budgets
+        assert budget["spec"]["maxUnavailable"] == 1
+        assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        assert (main["type"], main["clusterIP"]) == ("NodePort", "10.96.0.50")
+        assert {p["name"]: p["nodePort"] for p in main["ports"]} == {"http": 30500, "metrics": 30590}
+    else:
+        assert budgets == [], "with one replica a budget only blocks node drains"
+
+
+def test_a_budget_can_be_forced_for_one_replica(helm: Renderer, values: ValuesFile) -> None:
+    docs = helm.manifests(values({"podDisruptionBudget": {"always": True}}))
+    assert find(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_default_config_is_accepted_by_the_mirror(default: list[dict[str, Any]], tmp_path: Path) -> None:
+    config = load_rendered_config(default, tmp_path)
+    assert (config.host, config.port, config.metrics_listen) == ("0.0.0.0", 5000, ("0.0.0.0", 9090))
+    assert str(config.cache_dir) == "/var/cache/mirror"
+    assert (config.log_format, config.shutdown_grace, config.default_upstream) == ("json", 30.0, "docker.io")
+    (hub,) = config.upstreams
+    assert (hub.name, hub.url, hub.tag_ttl, hub.username, hub.password) == (
+        "docker.io", "https://registry-1.docker.io", 300.0, None, None)
+
+
+def test_full_config_is_accepted_by_the_mirror_with_passwords_from_secret_files(
+        full: list[dict[str, Any]], tmp_path: Path) -> None:
+    config = load_rendered_config(full, tmp_path)
+    assert (config.log_level, config.log_format, config.shutdown_grace, config.path_prefix) == (
+        "warning", "text", 90.0, "/registry")
+    assert (config.eviction.high_watermark, config.eviction.low_watermark) == (0.85, 0.7)
+    credentials = {u.name: (u.username, u.password) for u in config.upstreams}
+    assert credentials == {"docker.io": ("platform-bot", "hub-s3cret: with spaces & 'quotes'"),
+                           "ghcr.io": ("mirror-bot", "from-existing-secret"),
+                           "127.0.0.1:5001": ("local", "local-pass")}
+    assert config.upstream("ghcr.io").max_age == 30 * 86400
+    assert config.upstream("docker.io").aliases == ("hub",)
+
+
+def test_passwords_live_only_in_secrets(full: list[dict[str, Any]], tmp_path: Path) -> None:
+    written = materialise_secrets(full, tmp_path, existing="unused")
+    files = yaml.safe_load(config_text(full))
+    referenced = {u["name"]: u["credentials"]["password_file"] for u in files["upstreams"]}
+    assert referenced == {name: f"/etc/mirror/secrets/{name}/password"
+                          for name in ("docker.io", "ghcr.io", "127.0.0.1:5001")}
+    assert set(referenced.values()) == set(written), "every password_file must be a file the pod has"
+    assert not any("password" in u["credentials"] for u in files["upstreams"])
+    not_secrets = yaml.safe_dump([d for d in full if d["kind"] != "Secret"])
+    for password in ("hub-s3cret", "local-pass"):
+        assert password not in not_secrets
+    sources = {s["secret"]["name"] for s in
+               next(v for v in pod_spec(full)["volumes"] if v["name"] == "secrets")["projected"]["sources"]}
+    assert sources == {f"{RELEASE}-credentials", "ghcr-token"}
+    secret_keys = find(full, "Secret")["data"].keys()
+    assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) for key in secret_keys), secret_keys
+
+
+def test_a_username_from_a_secret_is_refused_with_the_reason(helm: Renderer, values: ValuesFile) -> None:
+    error = helm.error(values({"upstreams": [{"name": "docker.io", "url": "https://registry-1.docker.io",
+                                              "credentials": {"existingSecret": "hub", "usernameKey": "user",
+                                                              "passwordKey": "token"}}]}))
+    assert "upstreams[docker.io].credentials.usernameKey: the mirror reads the username from its config" in error
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"config": {"listen": "0.0.0.0:8080"}}, "config.listen: the chart sets this itself"),
+    ({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io",
+                     "credentials": {"username": "u", "password": "p", "existingSecret": "s"}}]},
+     "give either password or existingSecret"),
+    ({"persistence": {"size": "lots"}}, 'volume size "lots": set config.max_size'),
+    ({"terminationGracePeriodSeconds": 35}, "must exceed preStopSleepSeconds plus config.shutdown_grace (35 s)"),
+    ({"upstreams": []}, "upstreams: give at least one registry"),
+])
+def test_bad_values_fail_naming_the_value_to_fix(helm: Renderer, values: ValuesFile, data: dict[str, Any],
+                                                  message: str) -> None:
+    assert message in helm.error(values(data))
+
+
+def test_probes_ask_the_metrics_listener(default: list[dict[str, Any]]) -> None:
+    main = container(default)
+    probes = {name: (main[name]["httpGet"]["path"], main[name]["httpGet"]["port"])
+              for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert probes == {"startupProbe": ("/healthz", "metrics"), "livenessProbe": ("/healthz", "metrics"),
+                      "readinessProbe": ("/readyz", "metrics")}
+    files = yaml.safe_load(config_text(default))
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert files["metrics_listen"].endswith(f":{ports['metrics']}") and files["listen"].endswith(f":{ports['http']}")
+
+
+@pytest.mark.parametrize("which", ["default", "full"])
+def test_pod_runs_unprivileged_on_a_read_only_root(which: str, request: pytest.FixtureRequest) -> None:
+    docs: list[dict[str, Any]] = request.getfixturevalue(which)
+    pod, main = pod_spec(docs), container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (10001, 10001)
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    security = main["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    writable = {m["mountPath"] for m in main["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/var/cache/mirror", "/tmp"}, "with a read-only root, only these may be written"
+    assert {m["mountPath"] for m in main["volumeMounts"] if m.get("readOnly")} >= {"/etc/mirror/config.yaml"}
+    assert {"name": "MIRROR_CONFIG", "value": "/etc/mirror/config.yaml"} in main["env"]
+    assert main["args"] == ["serve"]
+
+
+def test_full_values_reach_the_pod(full: list[dict[str, Any]]) -> None:
+    pod, main = pod_spec(full), container(full)
+    template = find(full, "StatefulSet")["spec"]["template"]["metadata"]
+    assert main["image"] == "registry.example.com/platform/mirror:0.1.0-rc1"
+    assert main["resources"] == {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+    assert pod["nodeSelector"]["node-role.example.com/infra"] == "true"
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["serviceAccountName"] == find(full, "ServiceAccount")["metadata"]["name"] == "mirror-cache"
+    assert {"name": "MIRROR_LOG_LEVEL", "value": "debug"} in main["env"]
+    assert template["labels"]["tier"] == "infrastructure"
+    assert template["annotations"]["example.com/team"] == "platform"
+    assert pod["terminationGracePeriodSeconds"] == 120
+    monitor = find(full, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert monitor["spec"]["endpoints"][0]["interval"] == "15s"
+
+
+def test_default_pod_resources_and_grace(default: list[dict[str, Any]]) -> None:
+    main = container(default)
+    assert main["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    assert main["image"] == "mirror:0.1.0"
+    assert main["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-c", "import time; time.sleep(5)"]
+    assert pod_spec(default)["terminationGracePeriodSeconds"] > 5 + 30, "must outlast preStop and shutdown_grace"
+
+
+@pytest.mark.parametrize(("which", "size", "storage_class", "percent"),
+                         [("default", "50Gi", None, 90), ("full", "200Gi", "fast-ssd", 85)])
+def test_each_pod_gets_a_cache_volume_the_cache_cannot_fill(which: str, size: str, storage_class: str | None,
+                                                            percent: int, request: pytest.FixtureRequest,
+                                                            tmp_path: Path) -> None:
+    docs: list[dict[str, Any]] = request.getfixturevalue(which)
+    (claim,) = find(docs, "StatefulSet")["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == size
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"].get("storageClassName") == storage_class
+    mounts = {m["mountPath"]: m["name"] for m in container(docs)["volumeMounts"]}
+    assert mounts["/var/cache/mirror"] == claim["metadata"]["name"]
+    assert claim["metadata"]["name"] not in {v["name"] for v in pod_spec(docs)["volumes"]}
+    max_size = load_rendered_config(docs, tmp_path).eviction.max_size
+    assert max_size == quantity_bytes(size) * percent // 100 < quantity_bytes(size)
+
+
+def test_without_persistence_the_cache_is_an_empty_dir_within_its_limit(helm: Renderer, values: ValuesFile,
+                                                                         tmp_path: Path) -> None:
+    docs = helm.manifests(values({"persistence": {"enabled": False, "emptyDir": {"sizeLimit": "20Gi"}}}))
+    assert "volumeClaimTemplates" not in find(docs, "StatefulSet")["spec"]
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert volumes["cache"]["emptyDir"] == {"sizeLimit": "20Gi"}
+    assert load_rendered_config(docs, tmp_path).eviction.max_size == 18 * GIB
+
+
+def test_max_size_can_be_given(helm: Renderer, values: ValuesFile, tmp_path: Path) -> None:
+    docs = helm.manifests(values({"config": {"max_size": "40GiB"}}))
+    assert load_rendered_config(docs, tmp_path).eviction.max_size == 40 * GIB
+
+
+def test_config_and_password_changes_roll_the_pods(helm: Renderer, full: list[dict[str, Any]],
+                                                   values: ValuesFile) -> None:
+    def checksums(docs: list[dict[str, Any]]) -> dict[str, str]:
+        annotations = find(docs, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+        return {k: v for k, v in annotations.items() if k.startswith("checksum/")}
+
+    before = checksums(full)
+    assert set(before) == {"checksum/config", "checksum/secret"}
+    log_level = checksums(helm.manifests(FULL_VALUES, values({"config": {"log_level": "error"}})))
+    assert log_level["checksum/config"] != before["checksum/config"]
+    assert log_level["checksum/secret"] == before["checksum/secret"]
+    upstreams = yaml.safe_load(FULL_VALUES.read_text())["upstreams"]
+    upstreams[0]["credentials"]["password"] = "rotated"
+    rotated = checksums(helm.manifests(FULL_VALUES, values({"upstreams": upstreams})))
+    assert rotated["checksum/secret"] != before["checksum/secret"]
+    assert rotated["checksum/config"] == before["checksum/config"]
+
+
+def test_dashboard_uses_only_metrics_the_mirror_exports(full: list[dict[str, Any]]) -> None:
+    configmap = find(full, "ConfigMap", f"{RELEASE}-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    dashboard = json.loads(configmap["data"]["mirror.json"])
+    assert dashboard == json.loads((CHART / "dashboards" / "mirror.json").read_text())
+    assert (dashboard["title"], dashboard["uid"]) == ("mirror", "mirror-registry-cache")
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert "instance" in variables
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    used = set()
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            expr = target["expr"]
+            assert 'instance=~"$instance"' in expr, f"{panel['title']}: {expr} ignores the instance picked"
+            assert balanced(expr), expr
+            names = {re.sub(r"_(bucket|sum|count)$", "", name)
+                     for name in re.findall(r"\b(?:mirror|process)_[a-z_]+", expr)}
+            assert names <= METRICS, f"{panel['title']}: unknown metrics {names - METRICS}"
+            used |= names
+    assert used >= METRICS - {"process_virtual_memory_bytes", "process_start_time_seconds"}, (
+        f"no panel shows {METRICS - used}")
+
+
+def balanced(expr: str) -> bool:
+    """Brackets and quotes pair up: a cheap guard against a PromQL typo."""
+    stack: list[str] = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    for char in re.sub(r'"[^"]*"', '""', expr):
+        if char in "([{":
+            stack.append(char)
+        elif char in pairs and (not stack or stack.pop() != pairs[char]):
+            return False
+    return not stack and expr.count('"') % 2 == 0
+
+
+def test_dashboard_is_off_by_default(default: list[dict[str, Any]]) -> None:
+    assert [d["metadata"]["name"] for d in default if d["kind"] == "ConfigMap"] == [RELEASE]
+
+
+def test_notes_point_nodes_at_the_service(helm: Renderer) -> None:
+    notes = helm.notes()
+    assert snippet("containerd/docker.io/hosts.toml", SERVICE_HOST) in notes
+    assert snippet("docker/daemon.json", SERVICE_HOST) in notes
+    assert "/etc/containerd/certs.d/docker.io/hosts.toml" in notes
+    assert "nodes usually cannot resolve" in notes and "ClusterIP" in notes
+
+
+def test_notes_use_a_fixed_cluster_ip_for_every_upstream(helm: Renderer) -> None:
+    notes = helm.notes(FULL_VALUES)
+    host = "10.96.0.50:5000"
+    assert snippet("containerd/docker.io/hosts.toml", host) in notes
+    ghcr = snippet("containerd/quay.io/hosts.toml", host).replace("quay.io", "ghcr.io")
+    assert f"/etc/containerd/certs.d/ghcr.io/hosts.toml:\n\n{ghcr}" in notes
+    assert snippet("docker/daemon.json", host) in notes
+    assert "WARNING" not in notes and SERVICE_HOST not in notes.split("POINTING NODES")[1]
+
+
+def test_notes_use_the_node_endpoint_given(helm: Renderer, values: ValuesFile) -> None:
+    notes = helm.notes(values({"nodeEndpoint": "mirror.infra.example.com:5000"}))
+    assert snippet("containerd/docker.io/hosts.toml", "mirror.infra.example.com:5000") in notes
+    assert "WARNING" not in notes
+
+
+def test_chart_readme_shows_the_tested_snippets() -> None:
+    readme = (CHART / "README.md").read_text()
+    assert snippet("containerd/docker.io/hosts.toml", "10.96.0.50:5000") in readme
+    assert snippet("docker/daemon.json", "10.96.0.50:5000") in readme
+
