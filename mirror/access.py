@@ -27,6 +27,8 @@ SENT = web.RequestKey("sent", int)
 CACHE_HEADER = "X-Mirror-Cache"
 
 ACCESS_LOG = logging.getLogger("mirror.access")
+# The method label's values; any other method a client invents counts as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -63,7 +65,7 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
 
 def _count(metrics: Metrics, method: str, route: str, status: int, sent: int, cache: str | None,
            time: float) -> None:
-    metrics.requests.labels(route, method, str(status)).inc()
+    metrics.requests.labels(route, method if method in _METHODS else "other", str(status)).inc()
     metrics.request_seconds.labels(route).observe(time)
     if cache is not None and route in KINDS:
         result = cache.lower()

@@ -149,7 +149,9 @@ async def _readiness(app: web.Application) -> dict[str, str]:
 def runner_options(config: Config) -> dict[str, Any]:
     """How a mirror app is served: with its access log and metrics hook and its shutdown grace."""
     return {"access_log_class": AccessLogger, "access_log": ACCESS_LOG, "handle_signals": False,
-            "shutdown_timeout": config.shutdown_grace, "keepalive_timeout": config.connections.keepalive_timeout}
+            "shutdown_timeout": config.shutdown_grace, "keepalive_timeout": config.connections.keepalive_timeout,
+            # A client that leaves stops its own handler (downloads are shielded and go on).
+            "handler_cancellation": True}
 
 
 async def serve(config: Config, on_ready: Callable[[], None]) -> None:

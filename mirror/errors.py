@@ -14,7 +14,7 @@ middleware in `mirror.handlers`). The tree:
     ├── ManifestUnknown      404 MANIFEST_UNKNOWN
     ├── BlobUnknown          404 BLOB_UNKNOWN
     ├── NotFound             404 NOT_FOUND          no such endpoint
-    ├── Unauthorized         401 UNAUTHORIZED       the upstream refused the mirror's credentials
+    ├── Unauthorized         401 UNAUTHORIZED       the client must authenticate, or the upstream refused the mirror
     ├── Denied               403 DENIED             not allowed, e.g. a registry that is not configured
     ├── Unsupported          405 UNSUPPORTED        push, delete and other writes
     ├── TooManyRequests      429 TOOMANYREQUESTS    the upstream rate-limits us (carries Retry-After)
@@ -89,6 +89,11 @@ class NotFound(MirrorError):
 
 class Unauthorized(MirrorError):
     code, status = "UNAUTHORIZED", 401
+
+    def __init__(self, message: str, detail: object = None, challenge: str | None = None) -> None:
+        super().__init__(message, detail)
+        self.challenge = challenge
+        """A WWW-Authenticate value telling the client how to authenticate to this mirror."""
 
 
 class Denied(MirrorError):

@@ -28,6 +28,7 @@ from mirror.errors import (
     PaginationInvalid,
     RangeInvalid,
     TooManyRequests,
+    Unauthorized,
     Unsupported,
 )
 from mirror.oci import Reference
@@ -50,6 +51,8 @@ def error_response(error: MirrorError) -> web.Response:
         headers["Retry-After"] = error.retry_after
     if isinstance(error, RangeInvalid):
         headers["Content-Range"] = f"bytes */{error.size}"
+    if isinstance(error, Unauthorized) and error.challenge:
+        headers["WWW-Authenticate"] = error.challenge
     return web.json_response(error.to_json(), status=error.status, headers=headers)
 
 
@@ -155,7 +158,10 @@ class RegistryHandlers:
         if end == start:
             # An empty body is complete with the headers: they must wait for verification.
             await blob.fill.verified()
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            return response
         loop = asyncio.get_running_loop()
         request[SENT] = 0
         try:

@@ -175,13 +175,19 @@ class Index:
                 self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)", children)
         await self._run(write)
 
-    async def add_blob(self, digest: Digest, size: int) -> None:
-        """Record a published file (a layer, a config or a manifest)."""
+    async def add_blob(self, digest: Digest, size: int) -> bool:
+        """Record a published file (a layer, a config or a manifest); True if it was not known,
+        so the caller counts its size once however often it is fetched again."""
         now = self._clock()
-        await self._run(lambda: self.db.execute(
-            "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
-            "ON CONFLICT (digest) DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
-            (str(digest), size, now)))
+
+        def add() -> bool:
+            known = self.db.execute("SELECT 1 FROM blobs WHERE digest = ?", (str(digest),)).fetchone()
+            self.db.execute(
+                "INSERT INTO blobs (digest, size, last_access) VALUES (?, ?, ?) "
+                "ON CONFLICT (digest) DO UPDATE SET size = excluded.size, last_access = excluded.last_access",
+                (str(digest), size, now))
+            return known is None
+        return await self._run(add)
 
     def touch(self, digest: Digest) -> None:
         self._accessed[str(digest)] = self._clock()

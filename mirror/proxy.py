@@ -175,8 +175,8 @@ class Proxy:
                 raise IntegrityError(f"upstream {upstream.name} sent a manifest for {claimed} whose digest is {digest}")
         media_type = manifest_media_type(fetched.body, fetched.media_type)
         await self._store.put(digest, fetched.body)
-        await self._index.add_blob(digest, len(fetched.body))
-        self._evictor.added(len(fetched.body))
+        if await self._index.add_blob(digest, len(fetched.body)):
+            self._evictor.added(len(fetched.body))
         await self._index.add_manifest(upstream.name, name, digest, media_type, manifest_references(fetched.body))
         if tag_it and reference.tag is not None:
             await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
@@ -223,8 +223,8 @@ class Proxy:
     async def _download_blob(self, upstream: Upstream, name: str, fill: Fill) -> None:
         await upstream.fetch_blob(name, fill.digest, fill)
         await fill.commit()
-        await self._index.add_blob(fill.digest, fill.written)
-        self._evictor.added(fill.written)
+        if await self._index.add_blob(fill.digest, fill.written):
+            self._evictor.added(fill.written)
 
     def done_reading(self, blob: CachedBlob) -> None:
         self._evictor.done(blob.digest)

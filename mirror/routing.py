@@ -69,6 +69,8 @@ class Router:
             return None, api
         if before.count("/") == 1 and before[1:] in self._by_key:
             return self._by_key[before[1:]], api
+        if before.count("/") == 1 and _HOST_RE.fullmatch(before[1:]):
+            raise Denied(f"registry {before[1:100]!r} is not configured on this mirror")
         raise NotFound(f"no registry API under {before[:200]}")
 
     def resolve(self, path: str, ns: str | None = None, upstream: UpstreamConfig | None = None) -> Route:

@@ -183,7 +183,9 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
                             for name, url in upstreams.items()),
         )
         server = TestServer(create_app(config, clock=clock), host="127.0.0.1")
-        await server.start_server(**runner_options(config))
+        # TestServer always passes handler_cancellation=True, as production does.
+        options = {k: v for k, v in runner_options(config).items() if k != "handler_cancellation"}
+        await server.start_server(**options)
         servers.append(server)
         return Mirror(server, server.app[SERVICES])
 

@@ -122,6 +122,20 @@ async def test_metrics_follow_a_miss_a_joined_download_and_a_hit(
     assert value(after, "process_resident_memory_bytes") > 0
 
 
+async def test_cache_size_counts_a_manifest_once_however_often_it_is_fetched(
+        fake: FakeUpstream, make_mirror: MirrorFactory, clients: list[aiohttp.ClientSession]) -> None:
+    session = clients[0]
+    image = add_image(fake, tag="latest")
+    fake.add_manifest(NAME, "1.0", image.manifest, "application/vnd.oci.image.manifest.v1+json")
+    mirror = await make_mirror({"docker.io": fake.url})
+    for tag in ("latest", "1.0", "latest"):
+        assert (await get(session, manifest_url(mirror, NAME, tag), Accept=ACCEPT))[0] == 200
+    samples = await scrape(session, mirror.url)
+    blobs, size = await mirror.services.index.usage()
+    assert (value(samples, "mirror_cache_blobs"), value(samples, "mirror_cache_size_bytes")) == (blobs, size) == (
+        1, len(image.manifest))
+
+
 async def test_metrics_count_evictions(fake: FakeUpstream, make_mirror: MirrorFactory,
                                        clients: list[aiohttp.ClientSession]) -> None:
     session = clients[0]

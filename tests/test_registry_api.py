@@ -269,6 +269,7 @@ async def test_stale_tag_served_when_upstream_is_gone(make_mirror: MirrorFactory
     ("/v2/library/nothere/tags/list", 404, "NAME_UNKNOWN"),
     (f"/v2/library/alpine/blobs/sha256:{'0' * 64}", 404, "BLOB_UNKNOWN"),
     ("/v2/ghcr.io/owner/repo/manifests/latest", 403, "DENIED"),
+    ("/ghcr.io/v2/owner/repo/manifests/latest", 403, "DENIED"),
     ("/v2/library/alpine/manifests/latest?ns=quay.io", 403, "DENIED"),
     ("/v2/library/alpine/nonsense", 404, "NOT_FOUND"),
     ("/elsewhere/v2/library/alpine/manifests/latest", 404, "NOT_FOUND"),

@@ -30,15 +30,16 @@ async def test_sigterm_cuts_a_download_that_outlasts_the_grace_and_publishes_not
     digest = fake.add_blob(data)
     fake.gates[digest] = (MiB, asyncio.Event())  # the upstream stalls half way, for good
     cache = tmp_path / "cache"
-    served = await Served.start("--cache-dir", cache, "--upstream", f"docker.io={fake.url}", "--shutdown-grace", "1s")
-    async with asyncio.timeout(TIMEOUT), client.get(f"{served.url}/v2/{NAME}/blobs/{digest}") as response:
+    async with (await Served.start("--cache-dir", cache, "--upstream", f"docker.io={fake.url}",
+                                   "--shutdown-grace", "1s") as served,
+                asyncio.timeout(TIMEOUT), client.get(f"{served.url}/v2/{NAME}/blobs/{digest}") as response):
         assert response.status == 200
         received = await response.content.readany()
         assert await served.terminate() == 0
         with pytest.raises(aiohttp.ClientPayloadError):
             received += await response.read()
+        await served.wait_for("shutting down: responses under way have 1s to finish")
     assert 0 < len(received) < len(data)
-    await served.wait_for("shutting down: responses under way have 1s to finish")
     assert cached_files(cache) == ([], []), "no partial blob, and no temporary file left behind"
 
 
@@ -50,34 +51,34 @@ async def test_sigterm_lets_a_response_under_way_finish_while_readiness_fails(
     fake.gates[layer] = (MiB, gate)
     cache = tmp_path / "cache"
     ops = f"127.0.0.1:{free_port()}"
-    served = await Served.start("--cache-dir", cache, "--upstream", f"docker.io={fake.url}", "--metrics-listen", ops,
-                                "--log-format", "json", "--shutdown-grace", "20s")
+    async with await Served.start("--cache-dir", cache, "--upstream", f"docker.io={fake.url}", "--metrics-listen", ops,
+                                  "--log-format", "json", "--shutdown-grace", "20s") as served:
 
-    async def probe(url: str) -> tuple[int, bytes]:
-        async with asyncio.timeout(TIMEOUT), client.get(url) as response:
-            return response.status, await response.read()
+        async def probe(url: str) -> tuple[int, bytes]:
+            async with asyncio.timeout(TIMEOUT), client.get(url) as response:
+                return response.status, await response.read()
 
-    # Metrics and health live on their own listener, not beside the API.
-    assert (await probe(f"http://{ops}/readyz"))[0] == 200
-    assert (await probe(f"http://{ops}/healthz"))[0] == 200
-    assert (await probe(f"{served.url}/metrics"))[0] == 404
-    async with asyncio.timeout(TIMEOUT), client.get(f"{served.url}/v2/{NAME}/manifests/latest",
-                                                    headers={"Accept": ACCEPT}) as response:
-        assert await response.read() == image.manifest
+        # Metrics and health live on their own listener, not beside the API.
+        assert (await probe(f"http://{ops}/readyz"))[0] == 200
+        assert (await probe(f"http://{ops}/healthz"))[0] == 200
+        assert (await probe(f"{served.url}/metrics"))[0] == 404
+        async with asyncio.timeout(TIMEOUT), client.get(f"{served.url}/v2/{NAME}/manifests/latest",
+                                                        headers={"Accept": ACCEPT}) as response:
+            assert await response.read() == image.manifest
 
-    async with asyncio.timeout(TIMEOUT), client.get(f"{served.url}/v2/{NAME}/blobs/{layer}") as response:
-        received = await response.content.readany()
-        served.process.terminate()
-        await served.wait_for("shutting down")
-        status, body = await probe(f"http://{ops}/readyz")
-        assert (status, json.loads(body)["problems"]) == (503, {"shutdown": "shutting down"})
-        gate.set()
-        received += await response.read()
-    assert received == fake.blobs[layer], "the response under way finished, whole"
-    assert await served.wait() == 0
-    blobs, temporary = cached_files(cache)
-    assert temporary == [] and [p.name for p in blobs if p.name == layer.removeprefix("sha256:")], (
-        "the finished download was published")
+        async with asyncio.timeout(TIMEOUT), client.get(f"{served.url}/v2/{NAME}/blobs/{layer}") as response:
+            received = await response.content.readany()
+            served.process.terminate()
+            await served.wait_for("shutting down")
+            status, body = await probe(f"http://{ops}/readyz")
+            assert (status, json.loads(body)["problems"]) == (503, {"shutdown": "shutting down"})
+            gate.set()
+            received += await response.read()
+        assert received == fake.blobs[layer], "the response under way finished, whole"
+        assert await served.wait() == 0
+        blobs, temporary = cached_files(cache)
+        assert temporary == [] and [p.name for p in blobs if p.name == layer.removeprefix("sha256:")], (
+            "the finished download was published")
 
     # Every line is a JSON object; the access lines carry the request's fields.
     entries = [json.loads(line) for line in served.log]

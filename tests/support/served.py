@@ -29,6 +29,7 @@ class Served:
         self.url = f"http://{host}"
         self.log: list[str] = []
         self._waiters: list[tuple[str, asyncio.Future[str]]] = []
+        self._ended = False
         self._drain = asyncio.ensure_future(self._read_log())
 
     @classmethod
@@ -54,6 +55,7 @@ class Served:
             for text, waiter in self._waiters:
                 if text in line and not waiter.done():
                     waiter.set_result(line)
+        self._ended = True
         for _, waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(EOFError())
@@ -63,6 +65,8 @@ class Served:
         for line in self.log:
             if text in line:
                 return line
+        if self._ended:
+            pytest.fail(f"mirror serve ended without logging {text!r}:\n{self.tail()}")
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.append((text, waiter))
         try:
@@ -87,6 +91,13 @@ class Served:
             status = await self.process.wait()
             await self._drain
         return status
+
+    async def __aenter__(self) -> Served:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """Whatever the test did, no process is left holding the port and the cache lock."""
+        await self.kill()
 
     async def kill(self) -> None:
         """SIGKILL: no handler runs, nothing is flushed or cleaned up."""
