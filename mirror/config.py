@@ -6,8 +6,11 @@ Every bad key or value raises `ConfigError` whose message starts with the key pa
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +19,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.credentials import (
+    AZURE_AUTHORITY,
+    AcrCredentials,
+    CredentialsConfig,
+    DockerConfigCredentials,
+    EcrCredentials,
+    GcrCredentials,
+)
 from mirror.errors import ConfigError
 
 DOCKER_HUB = "docker.io"
@@ -43,6 +54,11 @@ class UpstreamConfig:
     aliases: tuple[str, ...] = ()
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    credentials: CredentialsConfig | None = None
+    """Credentials from somewhere other than `username`/`password`: a Docker config.json or a cloud."""
+    token_realms: tuple[str, ...] | None = None
+    """Token services the credentials may be sent to (`host[:port]`, `*.domain`); None: the
+    upstream's host, its registrable domain and that domain's subdomains."""
     tag_ttl: float = 300.0
     max_age: float | None = None
     """Content nobody pulled for this long is evicted (unless another upstream keeps it)."""
@@ -71,6 +87,45 @@ class ConnectionLimits:
     keepalive_timeout: float = 75.0
     """An idle keep-alive connection is closed after this."""
     max_connections: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    """Who (`user:NAME`, `group:NAME`, `anonymous`, `authenticated` or `*`) may or may not pull
+    which repositories (`UPSTREAM/GLOB`, e.g. `ghcr.io/acme/*`, where `*` spans `/` too)."""
+
+    who: tuple[str, ...]
+    allow: bool
+    repositories: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Client authentication and access rules. With no htpasswd and no rules, anyone may pull
+    everything; with an htpasswd and no rules, every authenticated user may, anonymous nobody."""
+
+    htpasswd: Path | None = None
+    token_lifetime: float = 300.0
+    token_key_file: Path | None = None
+    """The key tokens are signed with, shared by replicas; None: a random key per process."""
+    realm: str | None = None
+    """The token service URL clients are sent to; None: this mirror's /token as the client reached it."""
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    rules: tuple[AccessRule, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.htpasswd is not None or bool(self.rules)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    """Certificates signed by this CA identify clients (mTLS): the subject's CN is the user name."""
+    client_certs: str = "optional"
+    """`optional` (a certificate is one way to authenticate) or `required` (no certificate, no connection)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +160,8 @@ class Config:
     shutdown_grace: float = 30.0
     """After SIGTERM, how long responses under way may take to finish."""
     connections: ConnectionLimits = ConnectionLimits()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -153,6 +210,9 @@ def parse_upstream_flag(value: str, path: str) -> tuple[str, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{path}: expected [NAME=]URL with an http(s) URL, got {value!r}")
+    if parts.username is not None or parts.password is not None:
+        # A URL is logged and shown; a secret in it would be too.
+        raise ConfigError(f"{path}: put credentials under the upstream's credentials:, not in its URL")
     return (name or parts.netloc), url
 
 
@@ -224,7 +284,8 @@ def _secret(section: _Section, key: str, environ: Mapping[str, str]) -> str | No
 
 
 def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
-    section.check_keys({"name", "url", "aliases", "tag_ttl", "max_age", "library_prefix", "credentials"})
+    section.check_keys({"name", "url", "aliases", "tag_ttl", "max_age", "library_prefix", "credentials",
+                        "token_realms"})
     name = section.get("name", str)
     url = section.get("url", str)
     if name is None or url is None:
@@ -235,25 +296,103 @@ def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     for i, alias in enumerate(aliases):
         if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias):
             raise ConfigError(f"{section.at('aliases')}[{i}]: {alias!r} is not a lower-case alias without dots")
-    username = password = None
+    username = password = credentials = None
     if (creds := section.data.get("credentials")) is not None:
-        cred = _Section(creds, section.at("credentials"))
-        cred.check_keys({"username", "password", "password_file", "password_env"})
-        username = cred.get("username", str)
-        password = _secret(cred, "password", environ)
-        if (username is None) != (password is None):
-            raise ConfigError(f"{cred.path}: give both username and a password")
+        username, password, credentials = _credentials(_Section(creds, section.at("credentials")), environ)
+    realms = section.get("token_realms", list)
+    for i, realm in enumerate(realms or ()):
+        try:
+            _check_name(realm.removeprefix("*.") if isinstance(realm, str) else "", "")
+        except ConfigError:
+            raise ConfigError(f"{section.at('token_realms')}[{i}]: {realm!r} is not a host, host:port or *.domain "
+                              "in lower case") from None
     return UpstreamConfig(
         name=name,
         url=url.rstrip("/"),
         aliases=tuple(aliases),
         username=username,
         password=password,
+        credentials=credentials,
+        token_realms=None if realms is None else tuple(realms),
         tag_ttl=parse_duration(section.data.get("tag_ttl", 300), section.at("tag_ttl")),
         max_age=(parse_duration(section.data["max_age"], section.at("max_age"))
                  if section.data.get("max_age") is not None else None),
         library_prefix=section.get("library_prefix", bool, name == DOCKER_HUB),
     )
+
+
+_CREDENTIAL_KINDS = ("docker_config", "ecr", "gcr", "acr")
+_PASSWORD_KEYS = {"username", "password", "password_file", "password_env"}
+
+
+def _credentials(section: _Section, environ: Mapping[str, str]
+                 ) -> tuple[str | None, str | None, CredentialsConfig | None]:
+    """Exactly one kind: username with a password, docker_config, ecr, gcr or acr. Returns
+    (username, password) for the first, the kind's settings for the others."""
+    section.check_keys(_PASSWORD_KEYS | set(_CREDENTIAL_KINDS))
+    kinds = [k for k in _CREDENTIAL_KINDS if k in section.data] + (["username"] if _PASSWORD_KEYS & set(section.data)
+                                                                   else [])
+    if len(kinds) != 1:
+        raise ConfigError(f"{section.path}: give exactly one of username with a password, docker_config, ecr, gcr "
+                          f"or acr{' (got ' + ', '.join(kinds) + ')' if kinds else ''}")
+    if kinds == ["username"]:
+        username = section.get("username", str)
+        password = _secret(section, "password", environ)
+        if username is None or password is None:
+            raise ConfigError(f"{section.path}: give both username and a password")
+        return username, password, None
+    if kinds == ["docker_config"]:
+        path = section.get("docker_config", str)
+        _json_file(path, section.at("docker_config"))
+        return None, None, DockerConfigCredentials(Path(path))
+    kind = _Section(section.data[kinds[0]], section.at(kinds[0]))
+    if kinds == ["ecr"]:
+        kind.check_keys({"region", "registry_id", "endpoint_url"})
+        region, registry_id = kind.get("region", str), kind.get("registry_id", (str, int))
+        if not region:
+            raise ConfigError(f"{kind.at('region')}: required, e.g. us-east-1")
+        if registry_id is not None and not re.fullmatch(r"\d{12}", str(registry_id)):
+            raise ConfigError(f"{kind.at('registry_id')}: expected a 12-digit AWS account id, got {registry_id!r}")
+        endpoint_url = _http_url(kind, "endpoint_url")
+        return None, None, EcrCredentials(region, None if registry_id is None else str(registry_id), endpoint_url)
+    if kinds == ["gcr"]:
+        kind.check_keys({"key_file", "metadata"})
+        key_file, metadata = kind.get("key_file", str), kind.get("metadata", bool, False)
+        if (key_file is None) != metadata:
+            raise ConfigError(f"{kind.path}: give either key_file or metadata: true")
+        if key_file is not None:
+            _json_file(key_file, kind.at("key_file"))
+        return None, None, GcrCredentials(Path(key_file) if key_file else None)
+    kind.check_keys({"client_id", "client_secret", "client_secret_file", "client_secret_env", "tenant_id", "exchange",
+                     "authority_host"})
+    client_id, client_secret = kind.get("client_id", str), _secret(kind, "client_secret", environ)
+    if client_id is None or client_secret is None:
+        raise ConfigError(f"{kind.path}: give client_id and a client_secret")
+    exchange, tenant_id = kind.get("exchange", bool, False), kind.get("tenant_id", str)
+    if exchange and tenant_id is None:
+        raise ConfigError(f"{kind.at('tenant_id')}: required with exchange: true")
+    for key in ("tenant_id", "authority_host"):
+        if not exchange and kind.data.get(key) is not None:
+            raise ConfigError(f"{kind.at(key)}: only used with exchange: true")
+    authority_host = _http_url(kind, "authority_host") or AZURE_AUTHORITY
+    return None, None, AcrCredentials(client_id, client_secret, tenant_id, exchange, authority_host)
+
+
+def _json_file(path: str, at: str) -> None:
+    """A file the mirror reads credentials from at run time: fail at start-up, not at the first pull."""
+    try:
+        json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{at}: cannot read {path}: {exc.strerror}") from exc
+    except ValueError:
+        raise ConfigError(f"{at}: {path} is not valid JSON") from None
+
+
+def _http_url(section: _Section, key: str) -> str | None:
+    url = section.get(key, str)
+    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+        raise ConfigError(f"{section.at(key)}: expected an http(s) URL, got {url!r}")
+    return None if url is None else url.rstrip("/")
 
 
 def merge_upstreams(current: Sequence[UpstreamConfig], extra: Sequence[tuple[str, str]],
@@ -282,6 +421,9 @@ class Overrides:
     metrics_listen: str | None = None
     log_format: str | None = None
     shutdown_grace: str | None = None
+    htpasswd: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -320,7 +462,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level",
-                     "max_size", "eviction", "connections", *_SCALARS})
+                     "max_size", "eviction", "connections", "auth", "tls", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -382,8 +524,92 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             connect=parse_duration(section.data.get("connect", 10), section.at("connect")),
             read=parse_duration(section.data.get("read", 60), section.at("read")),
             revalidate=parse_duration(section.data.get("revalidate", 5), section.at("revalidate"))))
+    config = replace(config, auth=_auth(root, overrides), tls=_tls(root, overrides))
     _validate(config)
     return config
+
+
+_WHO_RE = re.compile(r"(?:user|group):[^\s:]+|anonymous|authenticated|\*")
+
+
+def _auth(root: _Section, overrides: Overrides) -> AuthConfig:
+    auth = AuthConfig()
+    if (data := root.data.get("auth")) is not None:
+        section = _Section(data, "auth")
+        section.check_keys({"htpasswd", "token", "groups", "access"})
+        htpasswd = section.get("htpasswd", str)
+        auth = replace(auth, htpasswd=Path(htpasswd) if htpasswd else None)
+        if (token_data := section.data.get("token")) is not None:
+            token = _Section(token_data, section.at("token"))
+            token.check_keys({"lifetime", "key_file", "realm"})
+            key_file = token.get("key_file", str)
+            auth = replace(auth, token_lifetime=parse_duration(token.data.get("lifetime", 300), token.at("lifetime")),
+                           token_key_file=Path(key_file) if key_file else None, realm=token.get("realm", str))
+            if auth.token_lifetime <= 0:
+                raise ConfigError(f"{token.at('lifetime')}: must be positive")
+        groups = _Section(section.data.get("groups") or {}, section.at("groups"))
+        members = []
+        for group, users in groups.data.items():
+            if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+                raise ConfigError(f"{groups.at(str(group))}: expected a list of user names")
+            members.append((str(group), tuple(users)))
+        auth = replace(auth, groups=tuple(members))
+        rules = section.get("access", list, [])
+        auth = replace(auth, rules=tuple(_rule(_Section(r, f"{section.at('access')}[{i}]"))
+                                         for i, r in enumerate(rules)))
+    if overrides.htpasswd is not None:
+        auth = replace(auth, htpasswd=Path(overrides.htpasswd))
+    return auth
+
+
+def _rule(section: _Section) -> AccessRule:
+    section.check_keys({"who", "allow", "deny"})
+    who = section.get("who", list)
+    if not who or not all(isinstance(w, str) and _WHO_RE.fullmatch(w) for w in who):
+        raise ConfigError(f"{section.at('who')}: expected a list of user:NAME, group:NAME, anonymous, "
+                          f"authenticated or *")
+    if ("allow" in section.data) == ("deny" in section.data):
+        raise ConfigError(f"{section.path}: give exactly one of allow or deny")
+    key = "allow" if "allow" in section.data else "deny"
+    patterns = section.get(key, list)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"{section.at(key)}: expected a list of UPSTREAM/REPOSITORY patterns such as ghcr.io/acme/*")
+    return AccessRule(tuple(who), key == "allow", tuple(patterns))
+
+
+def _tls(root: _Section, overrides: Overrides) -> TlsConfig | None:
+    data = root.data.get("tls") or {}
+    section = _Section(data, "tls")
+    section.check_keys({"cert", "key", "client_ca", "client_certs"})
+    cert = overrides.tls_cert or section.get("cert", str)
+    key = overrides.tls_key or section.get("key", str)
+    if cert is None and key is None:
+        if data:
+            raise ConfigError("tls: give cert and key")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("tls: give both cert and key (--tls-cert and --tls-key)")
+    client_certs = section.get("client_certs", str, "optional")
+    if client_certs not in ("optional", "required"):
+        raise ConfigError(f"tls.client_certs: expected optional or required, got {client_certs!r}")
+    client_ca = section.get("client_ca", str)
+    if client_certs == "required" and client_ca is None:
+        raise ConfigError("tls.client_certs: required needs tls.client_ca")
+    return TlsConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None, client_certs)
+
+
+def check_private(path: Path, what: str) -> None:
+    """A file holding secrets must not be readable by everyone: refused when we run as root (who
+    can fix it), warned about otherwise (a mounted file may not be ours to change)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from exc
+    if mode & stat.S_IROTH:
+        message = f"{what}: {path} is readable by every user; chmod o-r {path}"
+        if os.geteuid() == 0:
+            raise ConfigError(message)
+        logging.getLogger(__name__).warning("%s", message)
 
 
 def _fraction(value: object, path: str) -> float:
@@ -403,6 +629,17 @@ def _validate(config: Config) -> None:
             seen[key] = upstream.name
     if config.default_upstream not in {u.name for u in config.upstreams}:
         raise ConfigError(f"default_upstream: {config.default_upstream!r} is not a configured upstream")
+    private = [(config.auth.htpasswd, "auth.htpasswd"), (config.auth.token_key_file, "auth.token.key_file"),
+               (config.tls.key if config.tls else None, "tls.key")]
+    for i, upstream in enumerate(config.upstreams):
+        credentials = upstream.credentials
+        if isinstance(credentials, DockerConfigCredentials):
+            private.append((credentials.path, f"upstreams[{i}].credentials.docker_config"))
+        elif isinstance(credentials, GcrCredentials):
+            private.append((credentials.key_file, f"upstreams[{i}].credentials.gcr.key_file"))
+    for path, what in private:
+        if path is not None:
+            check_private(path, what)
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.metrics_listen == (config.host, config.port) and config.port != 0:

@@ -5,8 +5,11 @@ Authentication follows the registry token protocol: a request goes out with what
 credential is cached for its scope; a 401 names the scheme. For `Bearer`, a token is fetched
 from the advertised realm (with the upstream's credentials, or anonymously), cached per scope
 until it expires, and the request is retried once. For `Basic`, the configured credentials are
-sent from then on. Credentials go only to the upstream and its token realm; blob redirects to a
-CDN carry no Authorization (aiohttp strips it on cross-origin redirects).
+sent from then on. Credentials come from a `CredentialSource`, asked each time they are sent; when
+the upstream or its token service refuses them, the source may renew them once and the request
+is tried again. Credentials go only to the upstream and to a token realm its `TokenRealms`
+allow; blob redirects to a CDN carry no Authorization (aiohttp strips it on cross-origin
+redirects).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
 from yarl import URL
 
 from mirror.config import UpstreamConfig
+from mirror.credentials import Credential, TokenRealms, credential_source
 from mirror.errors import (
     BlobUnknown,
     Denied,
@@ -119,18 +123,24 @@ class Upstream:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False
         self._origin = URL(config.url).origin()
+        self._credentials = credential_source(config)
+        self._realms = TokenRealms(config.url, config.token_realms)
+        if self._credentials is not None:
+            log.info("upstream %s: credentials from %s", config.name, self._credentials.describe())
 
-    def _basic_credential(self) -> str | None:
-        if self.config.username is None:
-            return None
-        return aiohttp.encode_basic_auth(self.config.username, self.config.password or "")
+    async def _credential(self) -> Credential | None:
+        return None if self._credentials is None else await self._credentials.get()
 
-    def _auth_header(self, scope: str) -> dict[str, str]:
+    def _refused(self, credential: Credential) -> bool:
+        """Tell the source the upstream refused `credential`; True if it may have another to try."""
+        return self._credentials is not None and self._credentials.rejected(credential)
+
+    async def _auth_header(self, scope: str) -> dict[str, str]:
         token = self._tokens.get(scope)
         if token and token[1] > time.monotonic():
             return {"Authorization": f"Bearer {token[0]}"}
-        if self._basic and (basic := self._basic_credential()) is not None:
-            return {"Authorization": basic}
+        if self._basic and (credential := await self._credential()) is not None:
+            return {"Authorization": aiohttp.encode_basic_auth(*credential)}
         return {}
 
     @asynccontextmanager
@@ -139,8 +149,11 @@ class Upstream:
         """A response with a 2xx status; every other outcome is raised as a domain error."""
         url = f"{self.config.url}{path}"
         session = self._blob_session if kind == "blob" and method == "GET" else self._session
-        for attempt in (1, 2):
-            credential = self._auth_header(scope)
+        renewed = False
+        # At most: anonymous, then with credentials, then with renewed ones (or, for a token,
+        # anonymous then with a token).
+        for attempt in (1, 2, 3):
+            credential = await self._auth_header(scope)
             sent = {**(headers or {}), **credential}
             started = time.monotonic()
             try:
@@ -152,9 +165,12 @@ class Upstream:
             try:
                 # Only the upstream's own challenges are answered: a 401 from a host it
                 # redirected to (a CDN) never gets the mirror's credentials.
-                if (response.status == 401 and attempt == 1 and response.url.origin() == self._origin
-                        and await self._authenticate(response, scope, credential.get("Authorization"))):
-                    continue
+                if response.status == 401 and attempt < 3 and response.url.origin() == self._origin:
+                    answer = await self._authenticate(response, scope, credential.get("Authorization"),
+                                                      first=attempt == 1, may_renew=not renewed)
+                    if answer is not None:
+                        renewed = renewed or answer == "renewed"
+                        continue
                 if response.status >= 300:
                     raise await self._error(response, kind)
                 yield response
@@ -171,35 +187,29 @@ class Upstream:
                 self._metrics.rate_limited.labels(self.name).inc()
             self._metrics.observe_rate_limit(self.name, response.headers)
 
-    async def _authenticate(self, response: aiohttp.ClientResponse, scope: str, rejected: str | None) -> bool:
-        """Answer a 401 challenge to a request sent with the `rejected` Authorization (or none);
-        True if the request is worth retrying."""
+    async def _authenticate(self, response: aiohttp.ClientResponse, scope: str, rejected: str | None, *,
+                            first: bool, may_renew: bool) -> Literal["retry", "renewed"] | None:
+        """Answer a 401 challenge to a request sent with the `rejected` Authorization (or none):
+        "retry" or "renewed" (the credentials were renewed) if the request is worth retrying. A
+        token is fetched only for a `first` attempt; credentials are renewed only if `may_renew`."""
         challenge = Challenge.parse(response.headers.get("WWW-Authenticate", ""))
         if challenge is None:
-            return False
+            return None
         if challenge.scheme == "basic":
-            basic = self._basic_credential()
-            # Refused with our own credentials: retrying cannot help. Refused without them
-            # (maybe while a concurrent request was switching to Basic): send them.
-            if basic is None or rejected == basic:
-                return False
-            self._basic = True
-            return True
-        if challenge.scheme == "bearer" and "realm" in challenge.params:
+            credential = await self._credential()
+            if credential is None:
+                return None
+            # Refused without them (maybe while a concurrent request was switching to Basic),
+            # or with older ones: send these.
+            if rejected != aiohttp.encode_basic_auth(*credential):
+                self._basic = True
+                return "retry"
+            # Refused with the current ones: only renewed ones can help.
+            return "renewed" if may_renew and self._refused(credential) else None
+        if challenge.scheme == "bearer" and "realm" in challenge.params and first:
             await self._fetch_token(challenge, scope, rejected)
-            return True
-        return False
-
-    def _trusted_realm(self, realm: URL) -> bool:
-        """A token service the upstream's credentials may be sent to: the upstream's own
-        origin, or a sibling under its parent domain on the same scheme and port
-        (auth.docker.io for registry-1.docker.io)."""
-        upstream = self._origin
-        if realm.origin() == upstream:
-            return True
-        parent = (upstream.host or "").partition(".")[2]
-        return ("." in parent and (realm.host or "").endswith(f".{parent}")
-                and (realm.scheme, realm.port) == (upstream.scheme, upstream.port))
+            return "retry"
+        return None
 
     async def _fetch_token(self, challenge: Challenge, scope: str, rejected: str | None) -> None:
         """A token for `scope`, unless a valid one other than the `rejected` one is cached (a
@@ -215,35 +225,49 @@ class Upstream:
             if "service" in challenge.params:
                 params["service"] = challenge.params["service"]
             realm = URL(challenge.params["realm"])
-            basic = self._basic_credential()
-            if basic is not None and not self._trusted_realm(realm):
+            if self._credentials is not None and not self._realms.allows(realm):
                 raise Unauthorized(f"upstream {self.name} sent the mirror to an untrusted token service "
                                    f"{realm.scheme}://{realm.host}")
-            sent = {"Authorization": basic} if basic is not None else None
-            started = time.monotonic()
-            answered = False
+            credential = await self._credential()
             try:
-                async with self._session.get(realm, params=params, headers=sent) as response:
-                    answered = True
-                    self._observe("GET", response, started)
-                    if response.status in (401, 403):
-                        raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
-                    if response.status == 429:
-                        raise TooManyRequests(f"upstream {self.name} token service is rate-limiting",
-                                              response.headers.get("Retry-After"))
-                    if response.status != 200:
-                        raise Unavailable(f"upstream {self.name} token service answered {response.status}")
-                    body = await response.json(content_type=None)
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-                if not answered:
-                    self._observe("GET", None, started)
-                raise Unavailable(f"upstream {self.name} token service failed: {type(exc).__name__}") from exc
-            token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+                body = await self._ask_token_service(realm, params, credential)
+            except Unauthorized:
+                # The token service refused the credentials: renewed ones may do, once.
+                if credential is None or not self._refused(credential):
+                    raise
+                body = await self._ask_token_service(realm, params, await self._credential())
+            token = body.get("token") or body.get("access_token")
             if not isinstance(token, str):
                 raise Unavailable(f"upstream {self.name} token service sent no token")
             expires_in = body.get("expires_in", 60)
             lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
             self._tokens[scope] = (token, time.monotonic() + max(lifetime - _TOKEN_MARGIN, 1.0))
+
+    async def _ask_token_service(self, realm: URL, params: Mapping[str, str],
+                                 credential: Credential | None) -> dict[str, Any]:
+        """The token service's JSON answer, asked with `credential` as Basic (or anonymously)."""
+        sent = {"Authorization": aiohttp.encode_basic_auth(*credential)} if credential is not None else None
+        started = time.monotonic()
+        answered = False
+        try:
+            async with self._session.get(realm, params=params, headers=sent) as response:
+                answered = True
+                self._observe("GET", response, started)
+                if response.status in (401, 403):
+                    raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
+                if response.status == 429:
+                    raise TooManyRequests(f"upstream {self.name} token service is rate-limiting",
+                                          response.headers.get("Retry-After"))
+                if response.status != 200:
+                    raise Unavailable(f"upstream {self.name} token service answered {response.status}")
+                body = await response.json(content_type=None)
+                if not isinstance(body, dict):
+                    raise Unavailable(f"upstream {self.name} token service sent no token")
+                return body
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            if not answered:
+                self._observe("GET", None, started)
+            raise Unavailable(f"upstream {self.name} token service failed: {type(exc).__name__}") from exc
 
     async def _error(self, response: aiohttp.ClientResponse, kind: str) -> MirrorError:
         status = response.status

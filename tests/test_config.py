@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import DOCKER_HUB_URL, Config, ConnectionLimits, EvictionConfig, Overrides, load
+from mirror.config import (
+    DOCKER_HUB_URL,
+    AccessRule,
+    Config,
+    ConnectionLimits,
+    EvictionConfig,
+    Overrides,
+    TlsConfig,
+    load,
+)
 from mirror.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +39,36 @@ def test_example_config_loads_with_every_documented_key() -> None:
     assert config.eviction == EvictionConfig(max_size=50 * 1024**3, high_watermark=0.9, low_watermark=0.8)
     assert (config.log_format, config.metrics_listen, config.shutdown_grace) == ("text", ("0.0.0.0", 9090), 30.0)
     assert config.connections == ConnectionLimits(header_timeout=30.0, keepalive_timeout=75.0, max_connections=4096)
+
+
+def test_example_auth_and_tls_block_loads_when_uncommented(tmp_path: Path) -> None:
+    text = (ROOT / "config.example.yaml").read_text()
+    block = text[text.index("#AUTH-BEGIN\n") + len("#AUTH-BEGIN\n"):text.index("#AUTH-END")]
+    uncommented = "\n".join(line.removeprefix("#") for line in block.splitlines())
+    for name in ("htpasswd", "token.key", "tls/tls.crt", "tls/tls.key", "tls/ca.crt"):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("x" * 40)
+        path.chmod(0o600)
+        uncommented = uncommented.replace(f"/etc/mirror/{name}", str(path))
+    config = load(write(tmp_path, uncommented), environ={})
+    assert config.auth.htpasswd == tmp_path / "htpasswd" and config.auth.token_lifetime == 300
+    assert config.auth.groups == (("ci", ("builder", "deployer")), ("admin", ("alice",)))
+    assert config.auth.rules[0] == AccessRule(("group:admin",), True, ("*",))
+    assert config.auth.rules[2] == AccessRule(("user:deployer",), False, ("ghcr.io/acme/secret-*",))
+    assert config.tls == TlsConfig(tmp_path / "tls/tls.crt", tmp_path / "tls/tls.key", tmp_path / "tls/ca.crt",
+                                   "optional")
+
+
+def test_quick_start_flags_for_auth_and_tls(tmp_path: Path) -> None:
+    for name in ("htpasswd", "key.pem", "cert.pem"):
+        (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(0o600)
+    config = load(None, environ={}, overrides=Overrides(htpasswd=str(tmp_path / "htpasswd"),
+                                                        tls_cert=str(tmp_path / "cert.pem"),
+                                                        tls_key=str(tmp_path / "key.pem")))
+    assert config.auth.enabled and config.auth.htpasswd == tmp_path / "htpasswd"
+    assert config.tls == TlsConfig(tmp_path / "cert.pem", tmp_path / "key.pem")
 
 
 @pytest.mark.parametrize(("value", "size"), [("50GiB", 50 * 1024**3), ("500MB", 500 * 1000**2), ("2t", 2 * 1000**4),
@@ -109,12 +148,22 @@ default_upstream: a.example
     ("eviction: {high_watermark: 0.5, low_watermark: 0.6}", "eviction.low_watermark: must not be above"),
     ("eviction: {size: 1}", "eviction.size: unknown key"),
     ("log_format: xml", "log_format: expected text or json"),
+    ("upstreams:\n  - {name: a.io, url: 'https://bot:s3cret@a.io'}", "upstreams[0].url: put credentials under"),
     ("connections: {max: 0}", "connections.max: must be at least 1"),
     ("connections: {header_timeout: slow}", "connections.header_timeout: expected a duration"),
     ("connections: {idle: 1}", "connections.idle: unknown key"),
     ("shutdown_grace: soon", "shutdown_grace: expected a duration"),
     ("metrics_listen: 9090", "metrics_listen: expected HOST:PORT"),
     ("listen: '127.0.0.1:5000'\nmetrics_listen: '127.0.0.1:5000'", "metrics_listen: must differ from listen"),
+    ("auth: {access: [{who: [nobody], allow: ['*']}]}", "auth.access[0].who: expected a list of user:NAME"),
+    ("auth: {access: [{who: ['*'], allow: ['*'], deny: ['x']}]}", "auth.access[0]: give exactly one of allow or deny"),
+    ("auth: {access: [{who: ['*'], allow: []}]}", "auth.access[0].allow: expected a list of UPSTREAM/REPOSITORY"),
+    ("auth: {groups: {ci: alice}}", "auth.groups.ci: expected a list of user names"),
+    ("auth: {token: {lifetime: 0}}", "auth.token.lifetime: must be positive"),
+    ("auth: {htpasswd: /nonexistent/htpasswd}", "auth.htpasswd: cannot read /nonexistent/htpasswd"),
+    ("auth: {users: 1}", "auth.users: unknown key"),
+    ("tls: {cert: /a.pem}", "tls: give both cert and key"),
+    ("tls: {client_certs: sometimes}", "tls: give cert and key"),
     ("path_prefix: registry", "path_prefix: expected a path"),
     ("path_prefix: /a/../b", "path_prefix: expected a path"),
     ("path_prefix: /mirror/v2", "path_prefix: expected a path"),
