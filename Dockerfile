@@ -4,7 +4,10 @@
 # elsewhere; MIRROR_* variables and flags after `serve` override single settings).
 #
 #   docker build -t mirror .
-#   docker run -p 5000:5000 -p 9090:9090 -v mirror-cache:/var/cache/mirror mirror
+#   docker run --stop-timeout 40 -p 5000:5000 -p 9090:9090 -v mirror-cache:/var/cache/mirror mirror
+#
+# --stop-timeout: docker stop waits 10 s by default, less than the 30 s shutdown_grace pulls under
+# way are given. The health check asks port 9090: a config of your own keeps metrics_listen there.
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1

@@ -19,9 +19,11 @@ from mirror.metrics import KINDS, Metrics
 
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE = web.RequestKey("route", str)
-"""The route label: manifest, blob, tags, base or ops."""
+"""The route label: manifest, blob, tags, base, token or ops."""
 UPSTREAM = web.RequestKey("upstream", str)
 """The name of the upstream the request went to."""
+USER = web.RequestKey("user", str)
+"""The user the request authenticated as."""
 SENT = web.RequestKey("sent", int)
 """Body bytes sent, where aiohttp cannot count them (sendfile, streams)."""
 CACHE_HEADER = "X-Mirror-Cache"
@@ -46,7 +48,8 @@ class AccessLogger(AbstractAccessLogger):
             _count(metrics, request.method, route, response.status, sent, cache, time)
         if self.logger.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
-                "remote": request.remote or "-", "method": request.method, "path": request.path_qs,
+                "remote": request.remote or "-", "user": request.get(USER), "method": request.method,
+                "path": request.path_qs,
                 "protocol": f"HTTP/{request.version.major}.{request.version.minor}", "status": response.status,
                 "bytes": sent, "duration_seconds": round(time, 6), "cache": cache,
                 "upstream": request.get(UPSTREAM), "user_agent": request.headers.get("User-Agent"),
@@ -79,6 +82,7 @@ def _count(metrics: Metrics, method: str, route: str, status: int, sent: int, ca
 def _common_log_line(fields: dict[str, Any]) -> str:
     """Common Log Format, then the fields it has no place for."""
     when = datetime.now(UTC).strftime("%d/%b/%Y:%H:%M:%S +0000")
-    return (f'{fields["remote"]} - - [{when}] "{fields["method"]} {fields["path"]} {fields["protocol"]}" '
-            f'{fields["status"]} {fields["bytes"]} {fields["duration_seconds"]:.3f}s '
+    return (f'{fields["remote"]} - {fields["user"] or "-"} [{when}] '
+            f'"{fields["method"]} {fields["path"]} {fields["protocol"]}" {fields["status"]} {fields["bytes"]} '
+            f'{fields["duration_seconds"]:.3f}s '
             f'cache={fields["cache"] or "-"} upstream={fields["upstream"] or "-"}')

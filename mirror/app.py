@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sqlite3
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,14 +23,17 @@ from mirror.config import Config
 from mirror.connections import GuardedSite
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
+from mirror.gate import Gate
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
 from mirror.index import Index
 from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.ops import OpsHandlers
 from mirror.proxy import Proxy
+from mirror.reload import Reloadable, reload_all, watch
 from mirror.routing import Router
 from mirror.storage import BlobStore
+from mirror.tls import load_certificate, server_context
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+GATE = web.AppKey("gate", Gate)
 
 
 def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.Application:
@@ -64,7 +69,11 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
     metrics = app[METRICS] = Metrics()
     if config.metrics_listen is None:
         OpsHandlers(metrics, lambda: _readiness(app)).add_routes(app)
-    RegistryHandlers(Router(config)).add_routes(app)
+    gate = Gate(config, clock or time.time) if config.auth.enabled else None
+    if gate is not None:
+        app[GATE] = gate
+        gate.add_routes(app)
+    RegistryHandlers(Router(config), gate).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         store = BlobStore(config.cache_dir)
@@ -157,29 +166,46 @@ def runner_options(config: Config) -> dict[str, Any]:
 async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, give responses under way
     `shutdown_grace` to finish, and close the cache. Downloads still running are abandoned:
-    their temporary files are removed and nothing partial is ever published."""
+    their temporary files are removed and nothing partial is ever published. SIGHUP re-reads
+    the TLS certificate and the htpasswd file (as does a change to either)."""
     app = create_app(config)
-    listeners = [(web.AppRunner(app, **runner_options(config)), (config.host, config.port))]
+    context = server_context(config.tls) if config.tls is not None else None
+    listeners = [(web.AppRunner(app, **runner_options(config)), (config.host, config.port), context)]
     if config.metrics_listen is not None:
-        listeners.append((web.AppRunner(create_ops_app(app), **runner_options(config)), config.metrics_listen))
+        listeners.append((web.AppRunner(create_ops_app(app), **runner_options(config)), config.metrics_listen, None))
+    reloadables = _reloadables(config, app, context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_all, reloadables)
+    watcher = loop.create_task(watch(reloadables), name="watch reloadable files")
     try:
-        for runner, (host, port) in listeners:
+        for runner, (host, port), ssl_context in listeners:
             await runner.setup()
-            await GuardedSite(runner, host, port, config.connections).start()
+            await GuardedSite(runner, host, port, config.connections, ssl_context).start()
         on_ready()
         await stop.wait()
         app[SERVICES].draining = True
         log.info("shutting down: responses under way have %gs to finish", config.shutdown_grace)
     finally:
+        watcher.cancel()
         # The API first; the ops listener last, so probes see the drain until the end.
-        for runner, _ in listeners:
+        for runner, _, _ in listeners:
             await runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+
+
+def _reloadables(config: Config, app: web.Application, context: ssl.SSLContext | None) -> list[Reloadable]:
+    reloadables = []
+    if config.tls is not None and context is not None:
+        tls = config.tls
+        reloadables.append(Reloadable("TLS certificate", (tls.cert, tls.key), lambda: load_certificate(context, tls)))
+    gate = app.get(GATE)
+    if gate is not None and gate.htpasswd is not None:
+        reloadables.append(Reloadable("htpasswd file", (gate.htpasswd.path,), gate.htpasswd.load))
+    return reloadables
 
 
 def _upstream_session(timeout: aiohttp.ClientTimeout,

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text: access lines in Common Log Format; json: one object per line (default text)")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help="serve /metrics, /healthz and /readyz on this address instead of beside the API")
+    serve.add_argument("--htpasswd", metavar="FILE",
+                       help="require clients to log in with an account from this htpasswd file (bcrypt, htpasswd -B); "
+                            "every account may pull everything unless the config's auth.access rules say otherwise")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (chain), PEM")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key, PEM (not world-readable)")
     serve.add_argument("--shutdown-grace", metavar="DURATION",
                        help="after SIGTERM, how long responses under way may take to finish (default 30s)")
 
@@ -187,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               upstreams=tuple(args.upstream), default_upstream=args.default_upstream,
                               log_level=args.log_level, path_prefix=args.path_prefix,
                               metrics_listen=args.metrics_listen, log_format=args.log_format,
-                              shutdown_grace=args.shutdown_grace)
+                              shutdown_grace=args.shutdown_grace, htpasswd=args.htpasswd,
+                              tls_cert=args.tls_cert, tls_key=args.tls_key)
     else:
         overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None))
     try:
@@ -209,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def ready() -> None:
         # Said once the sockets are bound and start-up (cache sweep, index) is done: scripts wait for it.
-        log.info("listening on http://%s:%d", config.host, config.port)
+        log.info("listening on %s://%s:%d", "https" if config.tls else "http", config.host, config.port)
         if config.metrics_listen is not None:
             log.info("metrics and health on http://%s:%d", *config.metrics_listen)
 
@@ -218,4 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CacheBusy as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"mirror: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0

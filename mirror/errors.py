@@ -9,6 +9,7 @@ middleware in `mirror.handlers`). The tree:
     ├── DigestInvalid        400 DIGEST_INVALID     malformed digest, or content that fails its digest
     ├── ManifestInvalid      400 MANIFEST_INVALID   an upstream manifest the mirror will not store
     ├── PaginationInvalid    400 PAGINATION_NUMBER_INVALID  a tag list's `n` that is not a count
+    ├── RequestInvalid       400 UNSUPPORTED        a request the mirror cannot take (an unknown grant type)
     ├── RangeInvalid         416 RANGE_INVALID      unsatisfiable Range
     ├── NameUnknown          404 NAME_UNKNOWN
     ├── ManifestUnknown      404 MANIFEST_UNKNOWN
@@ -49,6 +50,10 @@ class NameInvalid(MirrorError):
 
 class TagInvalid(MirrorError):
     code, status = "TAG_INVALID", 400
+
+
+class RequestInvalid(MirrorError):
+    code, status = "UNSUPPORTED", 400
 
 
 class PaginationInvalid(MirrorError):

@@ -31,6 +31,7 @@ from mirror.errors import (
     Unauthorized,
     Unsupported,
 )
+from mirror.gate import Gate
 from mirror.oci import Reference
 from mirror.proxy import CachedBlob, CacheResult, Proxy
 from mirror.routing import Endpoint, Route, Router
@@ -80,8 +81,9 @@ class RegistryHandlers:
     """The proxy is looked up per request under `PROXY`: it is built at start-up, after the
     routes are frozen."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, gate: Gate | None) -> None:
         self._router = router
+        self._gate = gate
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{path:.*}", self.dispatch)
@@ -94,12 +96,16 @@ class RegistryHandlers:
             request[ROUTE] = "base"
             if request.method not in ("GET", "HEAD"):
                 raise Unsupported(f"{request.method} is not supported on the API base")
+            if self._gate is not None:
+                await self._gate.check_base(request)
             return web.json_response({}, headers=API_VERSION)
         route = self._router.resolve(path, request.query.get("ns"), named)
         request[ROUTE] = route.endpoint.value if route.endpoint is not Endpoint.UPLOAD else "other"
         request[UPSTREAM] = route.upstream.name
         if request.method not in ("GET", "HEAD") or route.endpoint is Endpoint.UPLOAD:
             raise Unsupported(f"{request.method} is not supported: this is a read-only pull-through mirror")
+        if self._gate is not None:
+            await self._gate.check(request, route)
         if route.endpoint is Endpoint.MANIFEST:
             return await self.manifest(request, route)
         if route.endpoint is Endpoint.BLOB:

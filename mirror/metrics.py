@@ -19,7 +19,6 @@ from prometheus_client import (
 
 from mirror import __version__
 
-ROUTES = ("base", "manifest", "blob", "tags", "ops", "other")
 KINDS = ("manifest", "blob")
 RESULTS = ("hit", "miss", "joined", "revalidated", "stale")
 

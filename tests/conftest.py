@@ -3,6 +3,8 @@ built in-process against loopback upstreams only (never the built-in Docker Hub 
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,8 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from mirror.access import ACCESS_LOG
 from mirror.app import SERVICES, Services, create_app, runner_options
-from mirror.config import Config, EvictionConfig, TimeoutConfig, UpstreamConfig
+from mirror.config import AuthConfig, Config, EvictionConfig, TimeoutConfig, UpstreamConfig
+from mirror.logs import JsonFormatter
 from tests.support.clients import Sandbox, system_path
 from tests.support.fake_upstream import FakeUpstream, start_fake
 from tests.support.images import PushedImage, populate
@@ -172,11 +176,11 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
     async def make(upstreams: dict[str, str], *, tag_ttl: float = 300.0, cache_dir: Path | None = None,
                    clock: Callable[[], float] | None = None, timeouts: TimeoutConfig | None = None,
                    eviction: EvictionConfig | None = None, max_ages: dict[str, float] | None = None,
-                   path_prefix: str = "", **upstream_options: object) -> Mirror:
+                   path_prefix: str = "", auth: AuthConfig | None = None, **upstream_options: object) -> Mirror:
         config = Config(
             host="127.0.0.1", port=0, cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
             default_upstream=next(iter(upstreams)), timeouts=timeouts or TimeoutConfig(),
-            eviction=eviction or EvictionConfig(), path_prefix=path_prefix,
+            eviction=eviction or EvictionConfig(), path_prefix=path_prefix, auth=auth or AuthConfig(),
             upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
                                            max_age=(max_ages or {}).get(name),
                                            **upstream_options)  # type: ignore[arg-type]
@@ -208,3 +212,38 @@ async def fake() -> AsyncIterator[FakeUpstream]:
         gate[1].set()
     for server in servers:
         await server.close()
+
+
+class Captured(logging.Handler):
+    """Every record of the mirror's loggers, the access log included, formatted both ways."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.json = JsonFormatter()
+        self.text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def lines(self) -> Iterator[str]:
+        for record in self.records:
+            yield self.text.format(record)
+            yield self.json.format(record)
+
+    def access(self) -> list[dict[str, object]]:
+        return [json.loads(self.json.format(r)) for r in self.records if r.name == ACCESS_LOG.name]
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    handler = Captured()
+    root = logging.getLogger()
+    level, propagate = root.level, ACCESS_LOG.propagate
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    ACCESS_LOG.propagate = True
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(level)
+    ACCESS_LOG.propagate = propagate

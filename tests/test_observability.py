@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import logging
 import random
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.access import ACCESS_LOG
 from mirror.config import EvictionConfig
-from mirror.logs import JsonFormatter
-from tests.conftest import Mirror, MirrorFactory
+from tests.conftest import Captured, Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream, Forced
 from tests.test_faults import ACCEPT, CACHE, NAME, TIMEOUT, add_image, blob_url, manifest_url
 
@@ -200,41 +197,6 @@ async def test_health_answers_while_the_upstream_is_down_and_readiness_checks_th
     status, body = await probe("/readyz")
     assert status == 503 and set(body["problems"]) == {"shutdown"}
     assert await probe("/healthz") == (200, {"status": "ok"})
-
-
-class Captured(logging.Handler):
-    """Every record of the mirror's loggers, the access log included, formatted both ways."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-        self.json = JsonFormatter()
-        self.text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def lines(self) -> Iterator[str]:
-        for record in self.records:
-            yield self.text.format(record)
-            yield self.json.format(record)
-
-    def access(self) -> list[dict[str, object]]:
-        return [json.loads(self.json.format(r)) for r in self.records if r.name == ACCESS_LOG.name]
-
-
-@pytest.fixture
-def captured() -> Iterator[Captured]:
-    handler = Captured()
-    root = logging.getLogger()
-    level, propagate = root.level, ACCESS_LOG.propagate
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    ACCESS_LOG.propagate = True
-    yield handler
-    root.removeHandler(handler)
-    root.setLevel(level)
-    ACCESS_LOG.propagate = propagate
 
 
 async def test_access_log_has_one_line_per_request(

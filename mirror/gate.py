@@ -1,0 +1,131 @@
+"""The HTTP side of client authentication: who a request comes from, the challenge that sends a
+client to log in, and the token service `docker login`, containerd and skopeo use.
+
+The challenge is the registry token flow's (`Bearer realm=".../token",service="mirror"`): the
+client fetches a token from the realm with its htpasswd credentials (HTTP Basic, or an OAuth2
+password grant), then presents it. Basic on every request and TLS client certificates work too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from mirror.access import ROUTE, USER
+from mirror.auth import ANONYMOUS, Htpasswd, Identity, Policy, Tokens, parse_basic
+from mirror.config import AuthConfig, Config
+from mirror.errors import Denied, RequestInvalid, Unauthorized
+from mirror.routing import Route
+
+log = logging.getLogger(__name__)
+
+SERVICE = "mirror"
+"""The token audience, and the `service` of every challenge."""
+
+
+class Gate:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+        auth: AuthConfig = config.auth
+        self._prefix = config.path_prefix
+        self._realm = auth.realm
+        self.policy = Policy(auth)
+        self.htpasswd = Htpasswd(auth.htpasswd) if auth.htpasswd is not None else None
+        self.tokens = Tokens(auth.token_lifetime, auth.token_key_file, clock)
+
+    def add_routes(self, app: web.Application) -> None:
+        for base in {"", self._prefix}:
+            app.router.add_route("GET", f"{base}/token", self.token)
+            app.router.add_route("POST", f"{base}/token", self.token)
+
+    async def check_base(self, request: web.Request) -> None:
+        """`/v2/`: the door `docker login` knocks on. With accounts configured, only a client that
+        has authenticated gets through; the rest learn where to log in."""
+        identity = await self.identify(request)
+        if identity is None or (self.policy.required and identity.user is None):
+            raise Unauthorized("authentication required", challenge=self._challenge(request, None))
+
+    async def check(self, request: web.Request, route: Route) -> None:
+        """Before the cache is consulted: refusals are the same whether or not the content is cached."""
+        identity = await self.identify(request)
+        if identity is None:
+            raise Unauthorized("invalid credentials", challenge=self._challenge(request, route))
+        if not self.policy.allows(identity, route.upstream.name, route.name):
+            if identity.user is None and self.htpasswd is not None:
+                raise Unauthorized("authentication required", challenge=self._challenge(request, route))
+            raise Denied("access to this repository is denied")
+
+    async def identify(self, request: web.Request) -> Identity | None:
+        """The identity a request proves; None when it presents credentials that do not hold."""
+        header = request.headers.get("Authorization")
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() == "bearer":
+                user = self.tokens.user(value.strip(), SERVICE)
+                return None if user is None else self._known(request, self.policy.identity(user))
+            basic = parse_basic(header)
+            if basic is None or self.htpasswd is None or not await self.htpasswd.verify(*basic):
+                return None
+            return self._known(request, self.policy.identity(basic[0]))
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        if peer:
+            user = _common_name(peer)
+            if user:
+                return self._known(request, self.policy.identity(user))
+        return ANONYMOUS
+
+    @staticmethod
+    def _known(request: web.Request, identity: Identity) -> Identity:
+        if identity.user:
+            request[USER] = identity.user
+        return identity
+
+    async def token(self, request: web.Request) -> web.Response:
+        """GET with Basic credentials (or none, for an anonymous token), or an OAuth2 password grant."""
+        request[ROUTE] = "token"
+        identity: Identity | None = ANONYMOUS
+        if request.method == "POST":
+            form = await request.post()
+            grant = form.get("grant_type")
+            if grant != "password":
+                raise RequestInvalid(f"grant_type {str(grant)[:40]!r} is not supported; use password")
+            user, password = str(form.get("username", "")), str(form.get("password", ""))
+            identity = await self._login(request, user, password)
+        elif "Authorization" in request.headers:
+            basic = parse_basic(request.headers["Authorization"])
+            identity = await self._login(request, *basic) if basic else None
+        if identity is None:
+            raise Unauthorized("invalid username or password", challenge=f'Basic realm="{SERVICE}"')
+        issued = datetime.now(UTC)
+        token = self.tokens.issue(identity, SERVICE)
+        return web.json_response({"token": token, "access_token": token, "expires_in": int(self.tokens.lifetime),
+                                  "issued_at": issued.isoformat(timespec="seconds").replace("+00:00", "Z")},
+                                 headers={"Cache-Control": "no-store"})
+
+    async def _login(self, request: web.Request, user: str, password: str) -> Identity | None:
+        if self.htpasswd is None or not await self.htpasswd.verify(user, password):
+            log.info("token refused: bad credentials for user %r", user[:100])
+            return None
+        return self._known(request, self.policy.identity(user))
+
+    def _challenge(self, request: web.Request, route: Route | None) -> str:
+        realm = self._realm or f"{request.scheme}://{request.host}{self._prefix}/token"
+        challenge = f'Bearer realm="{realm}",service="{SERVICE}"'
+        if route is not None:
+            challenge += f',scope="repository:{route.name}:pull"'
+        return challenge
+
+
+def _common_name(peercert: object) -> str | None:
+    """The subject CN of a verified client certificate (`ssl.SSLSocket.getpeercert()` form)."""
+    if not isinstance(peercert, dict):
+        return None
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and isinstance(value, str):
+                return value
+    return None
+
