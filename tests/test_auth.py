@@ -140,6 +140,7 @@ async def test_access_matrix(cached: bool, guarded: tuple[Mirror, Counting], reg
                     status = response.status
                     challenge = response.headers.get("WWW-Authenticate")
                 assert status == expected[repository], (user, url, status)
+                assert not [secret for secret in secrets if secret.encode() in body], "a secret in a response"
                 if status != 200:
                     assert json.loads(body)["errors"][0]["code"] == ("UNAUTHORIZED" if status == 401 else "DENIED")
                     assert len(calls.calls) == before, f"a refused request reached the cache: {calls.calls[before:]}"

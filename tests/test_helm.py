@@ -1,27 +1,34 @@
 """The Helm chart (helm/mirror), rendered as `helm template` would by a small Go renderer built from
 Debian's Go packages (tests/support/helm_render), every object checked against Kubernetes' own
-schemas, and what an operator would notice: the config the mirror loads, where passwords live,
-probes, pod security, cache sizes, the Grafana dashboard and the node configuration in NOTES.txt."""
+schemas, and what an operator would notice: the config the mirror loads, where passwords, accounts,
+token keys and TLS keys live, probes, pod security, cache sizes, the Grafana dashboard and the node
+configuration in NOTES.txt."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import shutil
+import ssl
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
+import trustme
 import yaml
 from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
 
-from mirror.config import Config, load
+from mirror.auth import Htpasswd, Identity, Tokens
+from mirror.config import AccessRule, Config, ConnectionLimits, check_private, load
+from mirror.tls import server_context
 from tests.conftest import unavailable
 from tests.support.clients import system_path
 from tests.support.snippets import snippet
@@ -39,6 +46,12 @@ GO_LIBRARIES = (GOCODE / "src/github.com/Masterminds/sprig", GOCODE / "src/sigs.
 RELEASE, NAMESPACE = "mirror", "registry"
 SERVICE_HOST = f"{RELEASE}.{NAMESPACE}.svc.cluster.local:5000"
 GIB = 1024**3
+# The accounts in the full values' htpasswd content.
+ACCOUNTS = {"alice": "alice-pw", "builder": "builder-pw"}
+
+# What Secrets the chart does not create hold, by (Secret, key); any other: FROM_EXISTING.
+ExistingSecrets = Mapping[tuple[str, str], str]
+FROM_EXISTING = "from-existing-secret"
 
 # Every metric the mirror exports; the dashboard may use no other.
 METRICS = {
@@ -174,35 +187,77 @@ def quantity_bytes(quantity: str) -> int:
     return int(match[1]) * GIB
 
 
-def materialise_secrets(docs: list[dict[str, Any]], root: Path, existing: str) -> dict[str, str]:
-    """Writes the files the pod would see under its secrets mount into `root`, from the chart's
-    Secret and the projected volume's items (an existing Secret's value is `existing`); returns
-    what was written, by path inside the container."""
+@dataclass(frozen=True)
+class SecretFile:
+    """A file of one of the pod's Secret volumes."""
+
+    volume: str
+    secret: str
+    key: str
+    path: str
+    """Inside the volume."""
+    mode: int
+    """Its permission bits, as the pod sees them."""
+
+
+def secret_files(docs: list[dict[str, Any]]) -> dict[str, SecretFile]:
+    """Every file the pod's (projected) Secret volumes hold, by path inside the container."""
     mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
-    volume = next((v for v in pod_spec(docs)["volumes"] if v["name"] == "secrets"), None)
-    if volume is None:
-        return {}
+    files: dict[str, SecretFile] = {}
+    for volume in pod_spec(docs)["volumes"]:
+        if "projected" not in volume:
+            continue
+        default_mode = volume["projected"].get("defaultMode", 0o644)
+        for source in volume["projected"]["sources"]:
+            for item in source["secret"]["items"]:
+                path = f"{mounts[volume['name']]}/{item['path']}"
+                assert path not in files, f"two Secret items project to {path}"
+                files[path] = SecretFile(volume["name"], source["secret"]["name"], item["key"], item["path"],
+                                         item.get("mode", default_mode))
+    return files
+
+
+def materialise_secrets(docs: list[dict[str, Any]], root: Path, existing: ExistingSecrets) -> dict[str, str]:
+    """Writes the files the pod would see in its Secret volumes into `root/<volume>/`, owner-only,
+    from the chart's Secrets or `existing`; returns what was written, by path inside the container."""
     own = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Secret"}
     written = {}
-    for source in volume["projected"]["sources"]:
-        secret = own.get(source["secret"]["name"])
-        for item in source["secret"]["items"]:
-            value = base64.b64decode(secret["data"][item["key"]]).decode() if secret else existing
-            target = root / item["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(value)
-            written[f"{mounts['secrets']}/{item['path']}"] = value
+    for path, file in secret_files(docs).items():
+        secret = own.get(file.secret)
+        value = (base64.b64decode(secret["data"][file.key]).decode() if secret
+                 else existing.get((file.secret, file.key), FROM_EXISTING))
+        target = root / file.volume / file.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(value)
+        target.chmod(0o600)
+        written[path] = value
     return written
 
 
-def load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path) -> Config:
+def load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path, existing: ExistingSecrets | None = None) -> Config:
     """The mirror's own loader reading the ConfigMap's config.yaml, with the Secret files the pod
-    would have in place of /etc/mirror/secrets."""
+    would have in place of its Secret volumes' mounts."""
     secrets = tmp_path / "secrets"
-    materialise_secrets(docs, secrets, existing="from-existing-secret")
+    materialise_secrets(docs, secrets, existing or {})
+    text = config_text(docs)
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    for volume in {file.volume for file in secret_files(docs).values()}:
+        text = text.replace(f"{mounts[volume]}/", f"{secrets / volume}/")
     path = tmp_path / "config.yaml"
-    path.write_text(config_text(docs).replace("/etc/mirror/secrets/", f"{secrets}/"))
+    path.write_text(text)
     return load(path, environ={})
+
+
+@pytest.fixture(scope="module")
+def existing() -> ExistingSecrets:
+    """What the full values' own Secrets hold: a certificate for the Service's ClusterIP from
+    cert-manager (say), the CA of client certificates, a registry token."""
+    ca, clients = trustme.CA(), trustme.CA()
+    leaf = ca.issue_cert("10.96.0.50", f"{RELEASE}.{NAMESPACE}.svc.cluster.local")
+    return {("mirror-tls", "tls.crt"): "".join(pem.bytes().decode() for pem in leaf.cert_chain_pems),
+            ("mirror-tls", "tls.key"): leaf.private_key_pem.bytes().decode(),
+            ("mirror-client-ca", "ca.pem"): clients.cert_pem.bytes().decode(),
+            ("ghcr-token", "token"): FROM_EXISTING}
 
 
 def check_service_monitor(monitor: dict[str, Any], docs: list[dict[str, Any]]) -> None:
@@ -229,7 +284,7 @@ def test_every_object_is_valid_kubernetes(which: str, request: pytest.FixtureReq
     kinds = sorted(d["kind"] for d in docs)
     expected = ["ConfigMap", "Service", "Service", "ServiceAccount", "StatefulSet"]
     if which == "full":
-        expected = sorted([*expected, "ConfigMap", "PodDisruptionBudget", "Secret", "ServiceMonitor"])
+        expected = sorted([*expected, "ConfigMap", "PodDisruptionBudget", "Secret", "Secret", "ServiceMonitor"])
     assert kinds == expected
     for doc in docs:
         labels = doc["metadata"]["labels"]
@@ -289,11 +344,14 @@ def test_default_config_is_accepted_by_the_mirror(default: list[dict[str, Any]],
     (hub,) = config.upstreams
     assert (hub.name, hub.url, hub.tag_ttl, hub.username, hub.password) == (
         "docker.io", "https://registry-1.docker.io", 300.0, None, None)
+    assert not config.auth.enabled and config.tls is None, "by default the API is open plain HTTP"
+    assert config.connections == ConnectionLimits(header_timeout=30.0, keepalive_timeout=75.0, max_connections=4096)
+    assert not secret_files(default), "no Secret volumes without credentials, accounts or TLS"
 
 
 def test_full_config_is_accepted_by_the_mirror_with_passwords_from_secret_files(
-        full: list[dict[str, Any]], tmp_path: Path) -> None:
-    config = load_rendered_config(full, tmp_path)
+        full: list[dict[str, Any]], existing: ExistingSecrets, tmp_path: Path) -> None:
+    config = load_rendered_config(full, tmp_path, existing)
     assert (config.log_level, config.log_format, config.shutdown_grace, config.path_prefix) == (
         "warning", "text", 90.0, "/registry")
     assert (config.eviction.high_watermark, config.eviction.low_watermark) == (0.85, 0.7)
@@ -303,23 +361,120 @@ def test_full_config_is_accepted_by_the_mirror_with_passwords_from_secret_files(
                            "127.0.0.1:5001": ("local", "local-pass")}
     assert config.upstream("ghcr.io").max_age == 30 * 86400
     assert config.upstream("docker.io").aliases == ("hub",)
+    assert config.connections == ConnectionLimits(header_timeout=10.0, keepalive_timeout=120.0, max_connections=2000)
 
 
-def test_passwords_live_only_in_secrets(full: list[dict[str, Any]], tmp_path: Path) -> None:
-    written = materialise_secrets(full, tmp_path, existing="unused")
+def test_full_accounts_tokens_and_tls_work_in_the_mirror(full: list[dict[str, Any]], existing: ExistingSecrets,
+                                                         tmp_path: Path) -> None:
+    """What the mirror does with the files the pod gets: accounts log in, every replica accepts
+    the others' tokens, and the API serves the mounted certificate, asking for client ones."""
+    config = load_rendered_config(full, tmp_path, existing)
+    auth = config.auth
+    assert auth.enabled and auth.htpasswd is not None and auth.token_key_file is not None
+    assert (auth.token_lifetime, auth.realm) == (600.0, "https://mirror.infra.example.com:5000/token")
+    assert dict(auth.groups) == {"admin": ("alice",), "ci": ("builder",)}
+    assert auth.rules == (AccessRule(("group:admin",), True, ("*",)),
+                          AccessRule(("group:ci",), True, ("ghcr.io/acme/*", "docker.io/*")),
+                          AccessRule(("anonymous",), True, ("docker.io/library/*",)))
+
+    accounts = Htpasswd(auth.htpasswd)
+    for user, password in ACCOUNTS.items():
+        assert asyncio.run(accounts.verify(user, password)), f"{user} cannot log in with the chart's htpasswd"
+    assert not asyncio.run(accounts.verify("alice", "builder-pw"))
+
+    # Each replica reads the key from the same mounted file at start.
+    count = int(find(full, "StatefulSet")["spec"]["replicas"])
+    replicas = [Tokens(auth.token_lifetime, auth.token_key_file) for _ in range(count)]
+    token = replicas[0].issue(Identity("alice"), "mirror")
+    assert [replica.user(token, "mirror") for replica in replicas] == ["alice"] * count, (
+        "a client that logged in on one pod must be accepted by the others")
+
+    assert config.tls is not None and config.tls.client_certs == "optional"
+    assert server_context(config.tls).verify_mode == ssl.CERT_OPTIONAL
+
+
+def test_secret_files_are_where_the_config_says_and_private(full: list[dict[str, Any]], tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    files = yaml.safe_load(config_text(full))
+    referenced = {files["auth"]["htpasswd"], files["auth"]["token"]["key_file"],
+                  *(files["tls"][key] for key in ("cert", "key", "client_ca"))}
+    mounted = secret_files(full)
+    assert referenced == {"/etc/mirror/auth/htpasswd", "/etc/mirror/auth/token.key", "/etc/mirror/tls/tls.crt",
+                          "/etc/mirror/tls/tls.key", "/etc/mirror/tls/ca.crt"}
+    assert referenced <= set(mounted), f"the config names files the pod lacks: {referenced - set(mounted)}"
+    assert {(mounted[path].secret, mounted[path].key) for path in referenced} == {
+        (f"{RELEASE}-auth", "htpasswd"), (f"{RELEASE}-auth", "token.key"), ("mirror-tls", "tls.crt"),
+        ("mirror-tls", "tls.key"), ("mirror-client-ca", "ca.pem")}
+    mounts = {m["mountPath"]: m for m in container(full)["volumeMounts"]}
+    for directory in ("/etc/mirror/auth", "/etc/mirror/tls", "/etc/mirror/secrets"):
+        assert mounts[directory]["readOnly"] is True
+        assert "subPath" not in mounts[directory], "a subPath mount never sees a renewed certificate or htpasswd"
+
+    # The mirror's own check, on files carrying the modes the volumes give them: as root it refuses
+    # a secret file every user can read, otherwise it warns.
+    for path, file in mounted.items():
+        assert file.mode & 0o007 == 0, f"{path} is {oct(file.mode)}: readable by every user of the node"
+        assert file.mode & 0o040, f"{path} is {oct(file.mode)}: the mirror's group (fsGroup) cannot read it"
+        probe = tmp_path / file.volume / file.path
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("secret")
+        probe.chmod(file.mode)
+        with caplog.at_level(logging.WARNING, logger="mirror.config"):
+            check_private(probe, path)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_the_token_key_is_generated_once_for_every_replica(helm: Renderer, full: list[dict[str, Any]]) -> None:
+    holders = [s for s in full if s["kind"] == "Secret" and "token.key" in s["data"]]
+    assert [s["metadata"]["name"] for s in holders] == [f"{RELEASE}-auth"], "replicas must share one key"
+    key = base64.b64decode(holders[0]["data"]["token.key"])
+    assert len(key) >= 32 and key.isalnum()
+    assert find(full, "StatefulSet")["spec"]["replicas"] == 3, "one pod template: every replica mounts that key"
+    assert [f.secret for f in secret_files(full).values() if f.path == "token.key"] == [f"{RELEASE}-auth"]
+
+    again = helm.manifests(FULL_VALUES)
+    assert find(again, "Secret", f"{RELEASE}-auth")["data"]["token.key"] != holders[0]["data"]["token.key"], (
+        "a fixed key in the chart would let anyone forge tokens")
+    assert (find(again, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+            == find(full, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]), (
+        "a new key must not roll the pods (and upgrades keep the key through lookup)")
+
+
+def test_accounts_and_token_key_from_secrets_of_your_own(helm: Renderer, values: ValuesFile, tmp_path: Path) -> None:
+    docs = helm.manifests(values({"auth": {"htpasswd": {"existingSecret": "mirror-users", "key": "users"},
+                                           "token": {"keySecret": "mirror-token", "keySecretKey": "signing-key"}}}))
+    assert [d for d in docs if d["kind"] == "Secret"] == [], "nothing for the chart to keep"
+    assert {(f.secret, f.key): path for path, f in secret_files(docs).items()} == {
+        ("mirror-users", "users"): "/etc/mirror/auth/htpasswd",
+        ("mirror-token", "signing-key"): "/etc/mirror/auth/token.key"}
+    htpasswd = yaml.safe_load(FULL_VALUES.read_text())["auth"]["htpasswd"]["content"]
+    config = load_rendered_config(docs, tmp_path, {("mirror-users", "users"): htpasswd,
+                                                   ("mirror-token", "signing-key"): "k" * 40})
+    assert config.auth.enabled and config.auth.realm is None, "the realm defaults to the address clients use"
+    assert config.auth.token_lifetime == 300.0 and config.auth.token_key_file is not None
+    assert config.auth.htpasswd is not None and asyncio.run(Htpasswd(config.auth.htpasswd).verify("alice", "alice-pw"))
+    assert config.tls is None
+
+
+def test_passwords_accounts_and_keys_live_only_in_secrets(full: list[dict[str, Any]], tmp_path: Path) -> None:
+    written = materialise_secrets(full, tmp_path, existing={})
     files = yaml.safe_load(config_text(full))
     referenced = {u["name"]: u["credentials"]["password_file"] for u in files["upstreams"]}
     assert referenced == {name: f"/etc/mirror/secrets/{name}/password"
                           for name in ("docker.io", "ghcr.io", "127.0.0.1:5001")}
-    assert set(referenced.values()) == set(written), "every password_file must be a file the pod has"
+    passwords = {path for path in written if path.startswith("/etc/mirror/secrets/")}
+    assert set(referenced.values()) == passwords, "every password_file must be a file the pod has"
     assert not any("password" in u["credentials"] for u in files["upstreams"])
     not_secrets = yaml.safe_dump([d for d in full if d["kind"] != "Secret"])
-    for password in ("hub-s3cret", "local-pass"):
-        assert password not in not_secrets
+    secrets = ["hub-s3cret", "local-pass", written["/etc/mirror/auth/token.key"],
+               *(line.split(":")[1] for line in written["/etc/mirror/auth/htpasswd"].splitlines())]
+    for secret in secrets:
+        assert secret not in not_secrets
+    assert "$2b$" not in config_text(full)
     sources = {s["secret"]["name"] for s in
                next(v for v in pod_spec(full)["volumes"] if v["name"] == "secrets")["projected"]["sources"]}
     assert sources == {f"{RELEASE}-credentials", "ghcr-token"}
-    secret_keys = find(full, "Secret")["data"].keys()
+    secret_keys = find(full, "Secret", f"{RELEASE}-credentials")["data"].keys()
     assert all(re.fullmatch(r"[-._a-zA-Z0-9]+", key) for key in secret_keys), secret_keys
 
 
@@ -338,6 +493,18 @@ def test_a_username_from_a_secret_is_refused_with_the_reason(helm: Renderer, val
     ({"persistence": {"size": "lots"}}, 'volume size "lots": set config.max_size'),
     ({"terminationGracePeriodSeconds": 35}, "must exceed preStopSleepSeconds plus config.shutdown_grace (35 s)"),
     ({"upstreams": []}, "upstreams: give at least one registry"),
+    ({"config": {"auth": {"htpasswd": "/etc/htpasswd"}}},
+     "config.auth: the chart renders this from the top-level auth"),
+    ({"config": {"tls": {"cert": "/c", "key": "/k"}}}, "config.tls: the chart renders this from the top-level tls"),
+    ({"auth": {"htpasswd": {"existingSecret": "users", "content": "alice:$2b$05$x"}}},
+     "auth.htpasswd: give either content or existingSecret, not both"),
+    ({"auth": {"groups": {"ci": ["bob"]}}}, "auth.groups: only used with auth.htpasswd or auth.access"),
+    ({"auth": {"htpasswd": {"existingSecret": "users"}, "token": {"realm": "mirror:5000/token"}}},
+     'auth.token.realm: expected the token service\'s http(s) URL, got "mirror:5000/token"'),
+    ({"tls": {"clientCA": {"existingSecret": "ca"}}}, "tls.clientCA: client certificates need HTTPS"),
+    ({"tls": {"existingSecret": "tls", "clientCerts": "required"}},
+     "tls.clientCerts: required needs tls.clientCA.existingSecret"),
+    ({"tls": {"existingSecret": "tls", "clientCerts": "maybe"}}, "tls.clientCerts: expected optional or required"),
 ])
 def test_bad_values_fail_naming_the_value_to_fix(helm: Renderer, values: ValuesFile, data: dict[str, Any],
                                                   message: str) -> None:
@@ -500,13 +667,20 @@ def test_notes_point_nodes_at_the_service(helm: Renderer) -> None:
     assert "nodes usually cannot resolve" in notes and "ClusterIP" in notes
 
 
-def test_notes_use_a_fixed_cluster_ip_for_every_upstream(helm: Renderer) -> None:
+def https(text: str) -> str:
+    return text.replace('"http://', '"https://')
+
+
+def test_notes_use_a_fixed_cluster_ip_and_https_for_every_upstream(helm: Renderer) -> None:
     notes = helm.notes(FULL_VALUES)
     host = "10.96.0.50:5000"
-    assert snippet("containerd/docker.io/hosts.toml", host) in notes
-    ghcr = snippet("containerd/quay.io/hosts.toml", host).replace("quay.io", "ghcr.io")
+    assert https(snippet("containerd/docker.io/hosts.toml", host)) in notes
+    ghcr = https(snippet("containerd/quay.io/hosts.toml", host)).replace("quay.io", "ghcr.io")
     assert f"/etc/containerd/certs.d/ghcr.io/hosts.toml:\n\n{ghcr}" in notes
-    assert snippet("docker/daemon.json", host) in notes
+    assert https(snippet("docker/daemon.json", host)) in notes
+    assert "http://10.96.0.50" not in notes and f"https://{SERVICE_HOST}/v2/" in notes
+    assert f"/etc/docker/certs.d/{host}/ca.crt" in notes, "nodes must be told to trust the CA"
+    assert f'[host."https://{host}".header]\n    Authorization = ["Basic' in notes, "nodes must be told to log in"
     assert "WARNING" not in notes and SERVICE_HOST not in notes.split("POINTING NODES")[1]
 
 
@@ -518,6 +692,7 @@ def test_notes_use_the_node_endpoint_given(helm: Renderer, values: ValuesFile) -
 
 def test_chart_readme_shows_the_tested_snippets() -> None:
     readme = (CHART / "README.md").read_text()
-    assert snippet("containerd/docker.io/hosts.toml", "10.96.0.50:5000") in readme
-    assert snippet("docker/daemon.json", "10.96.0.50:5000") in readme
+    for transform in (str, https):
+        assert transform(snippet("containerd/docker.io/hosts.toml", "10.96.0.50:5000")) in readme
+        assert transform(snippet("docker/daemon.json", "10.96.0.50:5000")) in readme
 

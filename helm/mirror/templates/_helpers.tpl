@@ -92,6 +92,50 @@ of 127.0.0.1:5001), which become "-".
 {{- end }}
 {{- end }}
 
+{{/* Whether client authentication is on (an htpasswd file or access rules): "true" or empty. */}}
+{{- define "mirror.authEnabled" -}}
+{{- if or .Values.auth.htpasswd.existingSecret .Values.auth.htpasswd.content .Values.auth.access }}true{{ end }}
+{{- end }}
+
+{{/* The chart's Secret for an inline htpasswd file and the token signing key it generates. */}}
+{{- define "mirror.authSecretName" -}}
+{{- printf "%s-auth" (include "mirror.fullname" .) }}
+{{- end }}
+
+{{/* Whether the chart's auth Secret has anything to hold: "true" or empty. */}}
+{{- define "mirror.hasAuthSecret" -}}
+{{- if and (include "mirror.authEnabled" .) (or .Values.auth.htpasswd.content (not .Values.auth.token.keySecret)) }}true{{ end }}
+{{- end }}
+
+{{/* The scheme of the registry API: https with tls.existingSecret, else http. */}}
+{{- define "mirror.scheme" -}}
+{{- ternary "https" "http" (not (empty .Values.tls.existingSecret)) }}
+{{- end }}
+
+{{/* Checks auth and tls; fails with the value path to fix. */}}
+{{- define "mirror.checkAuthAndTls" -}}
+{{- $auth := .Values.auth }}
+{{- if and $auth.htpasswd.existingSecret $auth.htpasswd.content }}
+{{- fail "auth.htpasswd: give either content or existingSecret, not both" }}
+{{- end }}
+{{- if and $auth.groups (not (include "mirror.authEnabled" .)) }}
+{{- fail "auth.groups: only used with auth.htpasswd or auth.access" }}
+{{- end }}
+{{- if and $auth.token.realm (not (regexMatch "^https?://[^/]+" (toString $auth.token.realm))) }}
+{{- fail (printf "auth.token.realm: expected the token service's http(s) URL, got %q" (toString $auth.token.realm)) }}
+{{- end }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.clientCA.existingSecret (not $tls.existingSecret) }}
+{{- fail "tls.clientCA: client certificates need HTTPS: set tls.existingSecret too" }}
+{{- end }}
+{{- if not (has $tls.clientCerts (list "optional" "required")) }}
+{{- fail (printf "tls.clientCerts: expected optional or required, got %v" $tls.clientCerts) }}
+{{- end }}
+{{- if and (eq $tls.clientCerts "required") (not $tls.clientCA.existingSecret) }}
+{{- fail "tls.clientCerts: required needs tls.clientCA.existingSecret" }}
+{{- end }}
+{{- end }}
+
 {{/* A Kubernetes quantity (50Gi, 500M, 1.5Ti, 1000000) in bytes. */}}
 {{- define "mirror.quantityBytes" -}}
 {{- $quantity := kindIs "float64" . | ternary (printf "%.0f" .) (toString .) }}
@@ -167,11 +211,17 @@ so responses under way can finish.
 
 {{/* The mirror's config.yaml. */}}
 {{- define "mirror.config" -}}
-{{- range list "listen" "metrics_listen" "cache_dir" "upstreams" }}
+{{- range list "listen" "metrics_listen" "cache_dir" }}
 {{- if hasKey $.Values.config . }}
-{{- fail (printf "config.%s: the chart sets this itself (upstreams: use the top-level upstreams value)" .) }}
+{{- fail (printf "config.%s: the chart sets this itself" .) }}
 {{- end }}
 {{- end }}
+{{- range list "upstreams" "auth" "tls" }}
+{{- if hasKey $.Values.config . }}
+{{- fail (printf "config.%s: the chart renders this from the top-level %s value" . .) }}
+{{- end }}
+{{- end }}
+{{- include "mirror.checkAuthAndTls" . }}
 {{- if not .Values.upstreams }}
 {{- fail "upstreams: give at least one registry to mirror" }}
 {{- end -}}
@@ -187,6 +237,35 @@ max_size: {{ . }}
 {{- range $key, $value := omit .Values.config "max_size" }}
 {{- if not (or (kindIs "invalid" $value) (eq (toString $value) "")) }}
 {{ dict $key $value | toYaml }}
+{{- end }}
+{{- end }}
+{{- if include "mirror.authEnabled" . }}
+auth:
+{{- if or .Values.auth.htpasswd.existingSecret .Values.auth.htpasswd.content }}
+  htpasswd: /etc/mirror/auth/htpasswd
+{{- end }}
+  token:
+    lifetime: {{ .Values.auth.token.lifetime | default "5m" | toJson }}
+    key_file: /etc/mirror/auth/token.key
+{{- with .Values.auth.token.realm }}
+    realm: {{ . | toJson }}
+{{- end }}
+{{- with .Values.auth.groups }}
+  groups:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- with .Values.auth.access }}
+  access:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+tls:
+  cert: /etc/mirror/tls/tls.crt
+  key: /etc/mirror/tls/tls.key
+{{- if .Values.tls.clientCA.existingSecret }}
+  client_ca: /etc/mirror/tls/ca.crt
+  client_certs: {{ .Values.tls.clientCerts | toJson }}
 {{- end }}
 {{- end }}
 upstreams:
