@@ -34,6 +34,14 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class AccessLogger(AbstractAccessLogger):
+    metrics: Metrics | None = None
+
+    @classmethod
+    def counting_into(cls, metrics: Metrics) -> type[AccessLogger]:
+        """This logger, counting into one app's metrics (aiohttp builds it from its class; a
+        request that never reached an app, such as a malformed one, still counts)."""
+        return type("CountingAccessLogger", (cls,), {"metrics": metrics})
+
     @property
     def enabled(self) -> bool:
         # Metrics count every request, whatever the log level.
@@ -43,9 +51,8 @@ class AccessLogger(AbstractAccessLogger):
         route = request.get(ROUTE, "other")
         sent = _body_bytes(request, response)
         cache = response.headers.get(CACHE_HEADER)
-        metrics = request.app.get(METRICS) if isinstance(request, web.Request) else None
-        if metrics is not None:
-            _count(metrics, request.method, route, response.status, sent, cache, time)
+        if self.metrics is not None:
+            _count(self.metrics, request.method, route, response.status, sent, cache, time)
         if self.logger.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
                 "remote": request.remote or "-", "user": request.get(USER), "method": request.method,

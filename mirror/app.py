@@ -26,6 +26,7 @@ from mirror.flight import Background
 from mirror.gate import Gate
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
 from mirror.index import Index
+from mirror.logs import protect as protect_logs
 from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.ops import OpsHandlers
@@ -65,6 +66,7 @@ GATE = web.AppKey("gate", Gate)
 
 
 def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.Application:
+    protect_logs()
     app = web.Application(middlewares=[errors_middleware])
     metrics = app[METRICS] = Metrics()
     if config.metrics_listen is None:
@@ -73,6 +75,10 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
     if gate is not None:
         app[GATE] = gate
         gate.add_routes(app)
+
+        async def close_gate(_: web.Application) -> None:
+            gate.close()
+        app.on_cleanup.append(close_gate)
     RegistryHandlers(Router(config), gate).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -155,9 +161,10 @@ async def _readiness(app: web.Application) -> dict[str, str]:
     return problems
 
 
-def runner_options(config: Config) -> dict[str, Any]:
+def runner_options(config: Config, app: web.Application) -> dict[str, Any]:
     """How a mirror app is served: with its access log and metrics hook and its shutdown grace."""
-    return {"access_log_class": AccessLogger, "access_log": ACCESS_LOG, "handle_signals": False,
+    return {"access_log_class": AccessLogger.counting_into(app[METRICS]), "access_log": ACCESS_LOG,
+            "handle_signals": False,
             "shutdown_timeout": config.shutdown_grace, "keepalive_timeout": config.connections.keepalive_timeout,
             # A client that leaves stops its own handler (downloads are shielded and go on).
             "handler_cancellation": True}
@@ -170,9 +177,10 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     the TLS certificate and the htpasswd file (as does a change to either)."""
     app = create_app(config)
     context = server_context(config.tls) if config.tls is not None else None
-    listeners = [(web.AppRunner(app, **runner_options(config)), (config.host, config.port), context)]
+    listeners = [(web.AppRunner(app, **runner_options(config, app)), (config.host, config.port), context)]
     if config.metrics_listen is not None:
-        listeners.append((web.AppRunner(create_ops_app(app), **runner_options(config)), config.metrics_listen, None))
+        ops = create_ops_app(app)
+        listeners.append((web.AppRunner(ops, **runner_options(config, ops)), config.metrics_listen, None))
     reloadables = _reloadables(config, app, context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

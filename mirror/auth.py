@@ -15,9 +15,11 @@ import binascii
 import fnmatch
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +28,19 @@ import jwt
 from cachetools import TTLCache
 
 from mirror.config import AccessRule, AuthConfig
-from mirror.errors import ConfigError
+from mirror.errors import ConfigError, TooManyRequests
 
 log = logging.getLogger(__name__)
 
 _ISSUER = "mirror"
-# A good password stays good for this long without paying for bcrypt again.
+# A good password stays good for this long without paying for bcrypt again (and a wrong one bad).
 _VERIFIED_TTL = 300.0
+_BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+# bcrypt checks at once, checks that may wait, and failed logins an address may have per window.
+_CHECKERS = 2
+_MAX_WAITING = 16
+_MAX_FAILURES = 10
+_FAILURE_WINDOW = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +54,23 @@ ANONYMOUS = Identity(None)
 
 
 class Htpasswd:
-    """An Apache htpasswd file with bcrypt entries (`htpasswd -B`), as CNCF distribution takes."""
+    """An Apache htpasswd file with bcrypt entries (`htpasswd -B`), as CNCF distribution takes.
+
+    bcrypt is slow by design, which makes it a lever for whoever sends wrong passwords: checks
+    run on threads of their own (never the ones blob writes and reads use), a few at a time, with
+    a short queue past which logins are refused (429); a client with too many recent failures is
+    refused without a check; a known-wrong password is refused from memory; and an unknown user
+    costs the same check as a known one, so timing does not tell which names exist."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._users: dict[str, bytes] = {}
+        self._dummy = b""
         self._verified: TTLCache[str, str] = TTLCache(maxsize=4096, ttl=_VERIFIED_TTL)
+        self._refused: TTLCache[str, bool] = TTLCache(maxsize=16384, ttl=_VERIFIED_TTL)
+        self._failures: TTLCache[str, int] = TTLCache(maxsize=16384, ttl=_FAILURE_WINDOW)
+        self._checkers = ThreadPoolExecutor(max_workers=_CHECKERS, thread_name_prefix="bcrypt")
+        self._waiting = 0
         self.load()
 
     def load(self) -> None:
@@ -65,25 +84,45 @@ class Htpasswd:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             user, sep, hashed = line.strip().partition(":")
-            if not sep or not user or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            if not sep or not user or not _BCRYPT_RE.fullmatch(hashed):
                 raise ConfigError(f"auth.htpasswd: {self.path} line {number}: expected user:bcrypt-hash "
                                   f"(make entries with htpasswd -B)")
             users[user] = hashed.encode()
+        costs = [int(h[4:6]) for h in users.values()] or [10]
+        self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(max(set(costs), key=costs.count)))
         self._users = users
         self._verified.clear()
+        self._refused.clear()
 
-    async def verify(self, user: str, password: str) -> bool:
-        key = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
+    async def verify(self, user: str, password: str, client: str) -> bool:
+        """Raises TooManyRequests when `client` (its address) has failed too often lately, or too
+        many checks are waiting."""
+        secret = password.encode()[:72]  # all bcrypt looks at, as htpasswd -B
+        key = hashlib.sha256(user.encode() + b"\0" + secret).hexdigest()
         if self._verified.get(key) == user:
             return True
-        hashed = self._users.get(user)
-        if hashed is None:
+        if key in self._refused:
             return False
-        # bcrypt is slow by design: off the event loop.
-        if not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed):
-            return False
-        self._verified[key] = user
-        return True
+        if self._failures.get(client, 0) >= _MAX_FAILURES:
+            raise TooManyRequests("too many failed logins from this address; try again later",
+                                  retry_after=str(int(_FAILURE_WINDOW)))
+        if self._waiting >= _MAX_WAITING:
+            raise TooManyRequests("too many logins at once; try again", retry_after="1")
+        self._waiting += 1
+        try:
+            matches = await asyncio.get_running_loop().run_in_executor(
+                self._checkers, bcrypt.checkpw, secret, self._users.get(user, self._dummy))
+        finally:
+            self._waiting -= 1
+        if matches and user in self._users:
+            self._verified[key] = user
+            return True
+        self._refused[key] = True
+        self._failures[client] = self._failures.get(client, 0) + 1
+        return False
+
+    def close(self) -> None:
+        self._checkers.shutdown(wait=False, cancel_futures=True)
 
 
 class Tokens:
@@ -165,6 +204,6 @@ def parse_basic(header: str) -> tuple[str, str] | None:
         return None
     try:
         user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: not ASCII, or not UTF-8
         return None
     return (user, password) if sep and user else None

@@ -258,7 +258,8 @@ class _Section:
         value = self.data[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise ConfigError(f"{self.at(key)}: expected {names}, got {value!r}")
+            shown = "a value (not shown: it is a secret)" if key in _SECRET_KEYS else repr(value)
+            raise ConfigError(f"{self.at(key)}: expected {names}, got {shown}")
         return value
 
 
@@ -272,6 +273,7 @@ def _secret(section: _Section, key: str, environ: Mapping[str, str]) -> str | No
     source = sources[0]
     value: str = section.get(source, str)
     if source.endswith("_file"):
+        check_private(Path(value), section.at(source))
         try:
             return Path(value).read_text().rstrip("\n")
         except OSError as exc:
@@ -389,10 +391,15 @@ def _json_file(path: str, at: str) -> None:
 
 
 def _http_url(section: _Section, key: str) -> str | None:
-    url = section.get(key, str)
-    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
-        raise ConfigError(f"{section.at(key)}: expected an http(s) URL, got {url!r}")
-    return None if url is None else url.rstrip("/")
+    """An https URL (credentials travel to it); plain http only on loopback, for stand-ins."""
+    url: str | None = section.get(key, str)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if not parts.netloc or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        raise ConfigError(f"{section.at(key)}: expected an https URL (http only on loopback), got {url!r}")
+    return url.rstrip("/")
 
 
 def merge_upstreams(current: Sequence[UpstreamConfig], extra: Sequence[tuple[str, str]],
@@ -438,7 +445,11 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
         except OSError as exc:
             raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+            # PyYAML quotes the offending line, which may hold a secret: say only where it is.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "bad syntax"
+            raise ConfigError(f"config: {path} is not valid YAML{where}: {problem}") from None
     return _build(_Section(data, ""), environ, overrides)
 
 
@@ -529,6 +540,9 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
     return config
 
 
+# Keys whose values are never repeated in an error message.
+_SECRET_KEYS = frozenset({"password", "client_secret", "secret", "token"})
+_GLOB_RE = re.compile(r"[*?\[]")
 _WHO_RE = re.compile(r"(?:user|group):[^\s:]+|anonymous|authenticated|\*")
 
 
@@ -538,6 +552,8 @@ def _auth(root: _Section, overrides: Overrides) -> AuthConfig:
         section = _Section(data, "auth")
         section.check_keys({"htpasswd", "token", "groups", "access"})
         htpasswd = section.get("htpasswd", str)
+        if htpasswd == "":
+            raise ConfigError("auth.htpasswd: empty; give a file, or leave the key out for no accounts")
         auth = replace(auth, htpasswd=Path(htpasswd) if htpasswd else None)
         if (token_data := section.data.get("token")) is not None:
             token = _Section(token_data, section.at("token"))
@@ -598,6 +614,25 @@ def _tls(root: _Section, overrides: Overrides) -> TlsConfig | None:
     return TlsConfig(Path(cert), Path(key), Path(client_ca) if client_ca else None, client_certs)
 
 
+def _check_rules(config: Config) -> None:
+    """A pattern that can never match makes its rule silently inert: a deny that denies nothing."""
+    upstreams = {u.name: u for u in config.upstreams}
+    for i, rule in enumerate(config.auth.rules):
+        where = f"auth.access[{i}].{'allow' if rule.allow else 'deny'}"
+        for pattern in rule.repositories:
+            head, _, rest = pattern.partition("/")
+            if pattern != pattern.lower():
+                raise ConfigError(f"{where}: {pattern!r} has upper case; repository names never do")
+            if not _GLOB_RE.search(head) and head not in upstreams:
+                raise ConfigError(f"{where}: {pattern!r} names no configured upstream (expected UPSTREAM/REPOSITORY "
+                                  f"with one of {', '.join(upstreams)}, or a pattern)")
+            upstream = upstreams.get(head)
+            if upstream is not None and upstream.library_prefix and rest and "/" not in rest \
+                    and not _GLOB_RE.search(rest):
+                raise ConfigError(f"{where}: {pattern!r} never matches: on {head}, {rest} is "
+                                  f"{head}/library/{rest}")
+
+
 def check_private(path: Path, what: str) -> None:
     """A file holding secrets must not be readable by everyone: refused when we run as root (who
     can fix it), warned about otherwise (a mounted file may not be ours to change)."""
@@ -640,6 +675,7 @@ def _validate(config: Config) -> None:
     for path, what in private:
         if path is not None:
             check_private(path, what)
+    _check_rules(config)
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {config.log_format!r}")
     if config.metrics_listen == (config.host, config.port) and config.port != 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 
 from aiohttp import web
 
@@ -21,6 +22,8 @@ from mirror.config import ConnectionLimits
 log = logging.getLogger(__name__)
 
 _HEAD_END = b"\r\n\r\n"
+# A flood of refused connections is one warning per this many seconds, not one per connection.
+_REFUSAL_LOG_INTERVAL = 10.0
 
 
 class GuardedSite(web.TCPSite):
@@ -31,6 +34,8 @@ class GuardedSite(web.TCPSite):
         super().__init__(runner, host, port, ssl_context=ssl_context)
         self.limits = limits
         self.open = 0
+        self.refused = 0
+        self.refusal_logged = -_REFUSAL_LOG_INTERVAL
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -38,7 +43,9 @@ class GuardedSite(web.TCPSite):
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Guard(server(), self), self._host, self._port, ssl=self._ssl_context,
-            backlog=self._backlog, reuse_address=True)
+            backlog=self._backlog, reuse_address=True,
+            # The handshake comes before any request head: it gets the same deadline.
+            ssl_handshake_timeout=self.limits.header_timeout if self._ssl_context else None)
 
 
 class _Guard(asyncio.Protocol):
@@ -53,7 +60,12 @@ class _Guard(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         if self._site.open >= self._site.limits.max_connections:
-            log.warning("refusing a connection: %d are open (connections.max)", self._site.open)
+            self._site.refused += 1
+            now = time.monotonic()
+            if now - self._site.refusal_logged >= _REFUSAL_LOG_INTERVAL:
+                log.warning("refusing connections: %d are open (connections.max); %d refused since the last "
+                            "warning", self._site.open, self._site.refused)
+                self._site.refusal_logged, self._site.refused = now, 0
             transport.abort()
             return
         self._site.open += 1

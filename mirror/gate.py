@@ -8,10 +8,13 @@ password grant), then presents it. Basic on every request and TLS client certifi
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 
 SERVICE = "mirror"
 """The token audience, and the `service` of every challenge."""
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?")
+_MAX_FORM = 8192
+_FORM_TIMEOUT = 10.0
 
 
 class Gate:
@@ -67,7 +73,7 @@ class Gate:
                 user = self.tokens.user(value.strip(), SERVICE)
                 return None if user is None else self._known(request, self.policy.identity(user))
             basic = parse_basic(header)
-            if basic is None or self.htpasswd is None or not await self.htpasswd.verify(*basic):
+            if basic is None or self.htpasswd is None or not await self.htpasswd.verify(*basic, _client(request)):
                 return None
             return self._known(request, self.policy.identity(basic[0]))
         peer = request.transport.get_extra_info("peercert") if request.transport else None
@@ -88,7 +94,7 @@ class Gate:
         request[ROUTE] = "token"
         identity: Identity | None = ANONYMOUS
         if request.method == "POST":
-            form = await request.post()
+            form = await _form(request)
             grant = form.get("grant_type")
             if grant != "password":
                 raise RequestInvalid(f"grant_type {str(grant)[:40]!r} is not supported; use password")
@@ -106,17 +112,42 @@ class Gate:
                                  headers={"Cache-Control": "no-store"})
 
     async def _login(self, request: web.Request, user: str, password: str) -> Identity | None:
-        if self.htpasswd is None or not await self.htpasswd.verify(user, password):
+        if self.htpasswd is None or not await self.htpasswd.verify(user, password, _client(request)):
             log.info("token refused: bad credentials for user %r", user[:100])
             return None
         return self._known(request, self.policy.identity(user))
 
+    def close(self) -> None:
+        if self.htpasswd is not None:
+            self.htpasswd.close()
+
     def _challenge(self, request: web.Request, route: Route | None) -> str:
-        realm = self._realm or f"{request.scheme}://{request.host}{self._prefix}/token"
+        host = request.host if _HOST_RE.fullmatch(request.host) else "localhost"  # never quote-breaking text
+        realm = self._realm or f"{request.scheme}://{host}{self._prefix}/token"
         challenge = f'Bearer realm="{realm}",service="{SERVICE}"'
         if route is not None:
             challenge += f',scope="repository:{route.name}:pull"'
         return challenge
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    """An OAuth2 form: small, URL-encoded, prompt; anything else is the client's error."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise RequestInvalid("a token request's body must be application/x-www-form-urlencoded")
+    if (request.content_length or 0) > _MAX_FORM:
+        raise RequestInvalid(f"a token request's body may be {_MAX_FORM} bytes at most")
+    try:
+        async with asyncio.timeout(_FORM_TIMEOUT):
+            body = await request.content.read(_MAX_FORM + 1)
+        if len(body) > _MAX_FORM:
+            raise RequestInvalid(f"a token request's body may be {_MAX_FORM} bytes at most")
+        return dict(parse_qsl(body.decode(), keep_blank_values=True))
+    except (TimeoutError, UnicodeDecodeError, ValueError) as exc:
+        raise RequestInvalid(f"unreadable token request: {type(exc).__name__}") from exc
 
 
 def _common_name(peercert: object) -> str | None:

@@ -8,6 +8,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from mirror.access import ACCESS_LOG
 
 
@@ -26,6 +28,27 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a malformed request with the offending header line, which may hold a client's
+    password: the fact stays (as a warning: it is the client's error), the bytes go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg, record.args = "refused a malformed request from %s: %s", (remote, type(error).__name__)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def protect() -> None:
+    """Keep client secrets out of what libraries log; idempotent."""
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedRequests) for f in server.filters):
+        server.addFilter(_MalformedRequests())
 
 
 def configure(level: str, log_format: str) -> None:

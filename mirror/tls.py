@@ -23,8 +23,13 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 def load_certificate(context: ssl.SSLContext, tls: TlsConfig) -> None:
-    """(Re)load the certificate chain and key: new handshakes use them, open connections keep theirs."""
+    """(Re)load the certificate chain and key: new handshakes use them, open connections keep theirs.
+
+    A pair that does not load (a certificate renewed before its key was written) must not touch
+    the live context, where OpenSSL would already have dropped the old key: it is tried on a
+    scratch context first."""
     try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
         context.load_cert_chain(tls.cert, tls.key)
     except (OSError, ssl.SSLError) as exc:
         # Neither path nor OpenSSL's message carries key material.

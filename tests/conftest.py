@@ -186,9 +186,10 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
                                            **upstream_options)  # type: ignore[arg-type]
                             for name, url in upstreams.items()),
         )
-        server = TestServer(create_app(config, clock=clock), host="127.0.0.1")
+        app = create_app(config, clock=clock)
+        server = TestServer(app, host="127.0.0.1")
         # TestServer always passes handler_cancellation=True, as production does.
-        options = {k: v for k, v in runner_options(config).items() if k != "handler_cancellation"}
+        options = {k: v for k, v in runner_options(config, app).items() if k != "handler_cancellation"}
         await server.start_server(**options)
         servers.append(server)
         return Mirror(server, server.app[SERVICES])

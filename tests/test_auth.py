@@ -18,7 +18,7 @@ import aiohttp
 import bcrypt
 import pytest
 
-from mirror.auth import Identity, Tokens
+from mirror.auth import Identity, Tokens, parse_basic
 from mirror.config import AccessRule, AuthConfig, load
 from mirror.errors import ConfigError
 from mirror.proxy import Proxy
@@ -325,3 +325,97 @@ def test_world_readable_secrets_are_refused_as_root_and_warned_about_otherwise(
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert load(config, environ={}).auth.htpasswd == htpasswd
 
+
+
+def test_basic_credentials_that_are_not_text_are_no_credentials() -> None:
+    assert parse_basic("Basic \u00e9") is None
+    assert parse_basic("Basic " + base64.b64encode(b"\xff:\xfe").decode()) is None
+    assert parse_basic("Basic " + base64.b64encode(b"no-colon").decode()) is None
+    assert parse_basic(basic("alice", "pw:with:colons")) == ("alice", "pw:with:colons")
+
+
+@pytest.mark.parametrize("authorization", [
+    "Basic " + base64.b64encode(b"\xff\xfe:\xff").decode(), "Basic " + "A" * 4000,
+    "Bearer not.a.token", "Bearer ", "Digest username=alice", basic("alice", "x" * 1000),
+])
+async def test_odd_credentials_get_401_not_500(authorization: str, guarded: tuple[Mirror, Counting],
+                                               client: aiohttp.ClientSession) -> None:
+    mirror, upstream = guarded
+    for path in ("/v2/", "/v2/quay.io/team/app/tags/list", "/token"):
+        async with client.get(f"{mirror.url}{path}", headers={"Authorization": authorization}) as response:
+            assert response.status == 401, (path, response.status)
+            assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
+    assert upstream.count() == 0
+
+
+async def test_passwords_count_their_first_72_bytes_as_htpasswd_does(
+        tmp_path: Path, registry: Registry, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    long_password = "p" * 72
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"long:{bcrypt.hashpw(long_password.encode(), bcrypt.gensalt(4)).decode()}\n")
+    mirror = await make_mirror({"docker.io": registry.url}, auth=AuthConfig(htpasswd=htpasswd))
+    for password, status in ((long_password, 200), (long_password + "and more", 200), ("p" * 71, 401)):
+        async with client.get(f"{mirror.url}/v2/", headers={"Authorization": basic("long", password)}) as response:
+            assert response.status == status
+
+
+@pytest.mark.parametrize(("content_type", "body", "status"), [
+    ("multipart/form-data", b"grant_type=password", 400),
+    ("application/x-www-form-urlencoded", b"grant_type=password&username=\xff\xfe", 400),
+    ("application/x-www-form-urlencoded", b"grant_type=password&password=" + b"x" * 100_000, 400),
+    ("application/json", b'{"grant_type": "password"}', 400),
+    ("application/x-www-form-urlencoded; charset=nope", b"grant_type=password&username=a&password=b", 401),
+])
+async def test_malformed_token_requests_get_a_4xx(content_type: str, body: bytes, status: int,
+                                                  guarded: tuple[Mirror, Counting],
+                                                  client: aiohttp.ClientSession) -> None:
+    mirror, _ = guarded
+    async with client.post(f"{mirror.url}/token", data=body, headers={"Content-Type": content_type}) as response:
+        assert response.status == status
+        assert (await response.json())["errors"][0]["code"] == ("UNSUPPORTED" if status == 400 else "UNAUTHORIZED")
+
+
+async def test_wrong_password_floods_are_refused_without_bcrypt(
+        guarded: tuple[Mirror, Counting], client: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror, _ = guarded
+    checks: list[bytes] = []
+    checkpw = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checks.append(password)
+        return checkpw(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+
+    async def attempt(user: str, password: str) -> int:
+        async with client.get(f"{mirror.url}/v2/", headers={"Authorization": basic(user, password)}) as response:
+            return response.status
+
+    # The same wrong password again costs no check; an unknown user costs one, like a known user.
+    assert [await attempt("alice", "wrong") for _ in range(3)] == [401] * 3
+    assert await attempt("nobody", "wrong") == 401
+    assert len(checks) == 2
+    # Ten failures from one address, then refusals that cost nothing.
+    statuses = [await attempt("alice", f"guess-{i}") for i in range(20)]
+    assert statuses == [401] * 8 + [429] * 12
+    assert len(checks) == 10
+    async with client.get(f"{mirror.url}/v2/", headers={"Authorization": basic("alice", "guess-99")}) as response:
+        assert response.headers["Retry-After"] == "60"
+
+
+async def test_malformed_requests_leave_no_credential_in_the_log(
+        guarded: tuple[Mirror, Counting], captured: Captured) -> None:
+    mirror, _ = guarded
+    secret = base64.b64encode(b"alice:alice-pw-1").decode()
+    address, _, port = mirror.host.rpartition(":")
+    for head in (f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {secret}\x01\r\n\r\n",
+                 f"GET /v2/ HTTP/1.1\nHost: x\nAuthorization: Basic {secret}\n\n"):
+        reader, writer = await asyncio.open_connection(address, int(port))
+        writer.write(head.encode())
+        async with asyncio.timeout(30):
+            status_line = (await reader.read()).split(b"\r\n", 1)[0]
+        assert status_line in (b"HTTP/1.0 400 Bad Request", b"HTTP/1.1 400 Bad Request")
+        writer.close()
+    lines = list(captured.lines())
+    assert any("refused a malformed request" in line for line in lines)
+    assert not [line for line in lines if secret in line]

@@ -43,8 +43,9 @@ def test_example_config_loads_with_every_documented_key() -> None:
 
 def test_example_auth_and_tls_block_loads_when_uncommented(tmp_path: Path) -> None:
     text = (ROOT / "config.example.yaml").read_text()
-    block = text[text.index("#AUTH-BEGIN\n") + len("#AUTH-BEGIN\n"):text.index("#AUTH-END")]
-    uncommented = "\n".join(line.removeprefix("#") for line in block.splitlines())
+    start, end = text.index("#AUTH-BEGIN\n") + len("#AUTH-BEGIN\n"), text.index("#AUTH-END")
+    block = "\n".join(line.removeprefix("#") for line in text[start:end].splitlines())
+    uncommented = text[:start] + block + "\n" + text[end:]  # in place, beside the example's upstreams
     for name in ("htpasswd", "token.key", "tls/tls.crt", "tls/tls.key", "tls/ca.crt"):
         path = tmp_path / name
         path.parent.mkdir(exist_ok=True)
@@ -55,7 +56,7 @@ def test_example_auth_and_tls_block_loads_when_uncommented(tmp_path: Path) -> No
     assert config.auth.htpasswd == tmp_path / "htpasswd" and config.auth.token_lifetime == 300
     assert config.auth.groups == (("ci", ("builder", "deployer")), ("admin", ("alice",)))
     assert config.auth.rules[0] == AccessRule(("group:admin",), True, ("*",))
-    assert config.auth.rules[2] == AccessRule(("user:deployer",), False, ("ghcr.io/acme/secret-*",))
+    assert config.auth.rules[1] == AccessRule(("user:deployer",), False, ("ghcr.io/acme/secret-*",))
     assert config.tls == TlsConfig(tmp_path / "tls/tls.crt", tmp_path / "tls/tls.key", tmp_path / "tls/ca.crt",
                                    "optional")
 
@@ -114,6 +115,7 @@ def test_upstream_flags_replace_by_name_or_add() -> None:
 def test_credentials_from_inline_file_and_environment(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("from-file\n")
+    secret.chmod(0o640)  # a world-readable password file is refused (see test_auth)
     path = write(tmp_path, f"""
 upstreams:
   - {{name: a.example, url: "http://127.0.0.1:1", credentials: {{username: u, password: inline}}}}
@@ -149,6 +151,15 @@ default_upstream: a.example
     ("eviction: {size: 1}", "eviction.size: unknown key"),
     ("log_format: xml", "log_format: expected text or json"),
     ("upstreams:\n  - {name: a.io, url: 'https://bot:s3cret@a.io'}", "upstreams[0].url: put credentials under"),
+    ("upstreams:\n  - {name: a.io, url: 'https://a.io', credentials: {username: u, password: 8473625190}}",
+     "upstreams[0].credentials.password: expected str, got a value (not shown: it is a secret)"),
+    ("upstreams:\n  - {name: a.io, url: 'https://a.io', credentials: {username: u, password: 'hunter2'\n",
+     "config: "),
+    ("auth: {htpasswd: ''}", "auth.htpasswd: empty"),
+    ("auth: {access: [{who: ['*'], deny: [docker.io/evil]}]}",
+     "auth.access[0].deny: 'docker.io/evil' never matches: on docker.io, evil is docker.io/library/evil"),
+    ("auth: {access: [{who: ['*'], deny: [hub/library/evil]}]}", "auth.access[0].deny: 'hub/library/evil' names no"),
+    ("auth: {access: [{who: ['*'], allow: [docker.io/Library/*]}]}", "auth.access[0].allow: 'docker.io/Library/*' has"),
     ("connections: {max: 0}", "connections.max: must be at least 1"),
     ("connections: {header_timeout: slow}", "connections.header_timeout: expected a duration"),
     ("connections: {idle: 1}", "connections.idle: unknown key"),
@@ -174,3 +185,4 @@ def test_bad_config_names_the_key_path(tmp_path: Path, text: str, message: str) 
     with pytest.raises(ConfigError) as caught:
         load(write(tmp_path, text), environ={})
     assert str(caught.value).startswith(message)
+    assert "hunter2" not in str(caught.value) and "8473625190" not in str(caught.value), "a secret in an error"

@@ -547,6 +547,7 @@ def test_every_credentials_kind_loads(tmp_path: Path) -> None:
     for private in (docker_config, key_file):  # secrets: not for every user to read
         private.chmod(0o600)
     secret.write_text("from-file\n")
+    secret.chmod(0o600)
     path = tmp_path / "mirror.yaml"
     path.write_text(f"""
 default_upstream: a.example

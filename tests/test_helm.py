@@ -379,8 +379,8 @@ def test_full_accounts_tokens_and_tls_work_in_the_mirror(full: list[dict[str, An
 
     accounts = Htpasswd(auth.htpasswd)
     for user, password in ACCOUNTS.items():
-        assert asyncio.run(accounts.verify(user, password)), f"{user} cannot log in with the chart's htpasswd"
-    assert not asyncio.run(accounts.verify("alice", "builder-pw"))
+        assert asyncio.run(accounts.verify(user, password, "test")), f"{user} cannot log in with the chart's htpasswd"
+    assert not asyncio.run(accounts.verify("alice", "builder-pw", "test"))
 
     # Each replica reads the key from the same mounted file at start.
     count = int(find(full, "StatefulSet")["spec"]["replicas"])
@@ -452,7 +452,8 @@ def test_accounts_and_token_key_from_secrets_of_your_own(helm: Renderer, values:
                                                    ("mirror-token", "signing-key"): "k" * 40})
     assert config.auth.enabled and config.auth.realm is None, "the realm defaults to the address clients use"
     assert config.auth.token_lifetime == 300.0 and config.auth.token_key_file is not None
-    assert config.auth.htpasswd is not None and asyncio.run(Htpasswd(config.auth.htpasswd).verify("alice", "alice-pw"))
+    assert config.auth.htpasswd is not None
+    assert asyncio.run(Htpasswd(config.auth.htpasswd).verify("alice", "alice-pw", "test"))
     assert config.tls is None
 
 

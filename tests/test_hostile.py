@@ -191,7 +191,7 @@ async def test_connections_past_the_limit_are_refused(served: Served) -> None:
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
         held.append((reader, writer))
     assert await exchange(served.host, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == b""
-    await served.wait_for("refusing a connection: 4 are open")
+    await served.wait_for("refusing connections: 4 are open")
     for _, writer in held:
         writer.close()
 
