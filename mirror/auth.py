@@ -25,7 +25,7 @@ from pathlib import Path
 
 import bcrypt
 import jwt
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from mirror.config import AccessRule, AuthConfig
 from mirror.errors import ConfigError, TooManyRequests
@@ -132,6 +132,7 @@ class Tokens:
     def __init__(self, lifetime: float, key_file: Path | None, clock: Callable[[], float] = time.time) -> None:
         self.lifetime = lifetime
         self._clock = clock
+        self._checked: LRUCache[tuple[str, str], tuple[str, float]] = LRUCache(maxsize=4096)
         if key_file is None:
             self._key = secrets.token_bytes(32)
         else:
@@ -149,19 +150,24 @@ class Tokens:
         return jwt.encode(claims, self._key, algorithm="HS256")
 
     def user(self, token: str, service: str) -> str | None:
-        """The user a valid token was issued to ("" for anonymous); None for any other token."""
-        try:
-            # Times are checked against the mirror's own clock below.
-            claims = jwt.decode(token, self._key, algorithms=["HS256"], audience=service, issuer=_ISSUER,
-                                options={"require": ["exp", "sub"], "verify_exp": False, "verify_iat": False,
-                                         "verify_nbf": False})
-        except jwt.PyJWTError:
-            return None
-        expires = claims["exp"]
-        if not isinstance(expires, int | float) or expires <= self._clock():
-            return None
-        sub = claims["sub"]
-        return sub if isinstance(sub, str) else None
+        """The user a valid token was issued to ("" for anonymous); None for any other token.
+        A client presents the same token on every request of a pull: its checked claims are
+        remembered, and only its expiry is checked again."""
+        known = self._checked.get((token, service))
+        if known is None:
+            try:
+                # Times are checked against the mirror's own clock below.
+                claims = jwt.decode(token, self._key, algorithms=["HS256"], audience=service, issuer=_ISSUER,
+                                    options={"require": ["exp", "sub"], "verify_exp": False, "verify_iat": False,
+                                             "verify_nbf": False})
+            except jwt.PyJWTError:
+                return None
+            expires, sub = claims["exp"], claims["sub"]
+            if not isinstance(expires, int | float) or not isinstance(sub, str):
+                return None
+            known = self._checked[(token, service)] = (sub, float(expires))
+        sub, expires = known
+        return sub if expires > self._clock() else None
 
 
 class Policy:

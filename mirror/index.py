@@ -7,6 +7,11 @@ Manifest and tag rows are written only after the bytes they name are published, 
 crash the index can name at most content that is missing (treated as a miss), never content
 that is wrong. A repository link records what the upstream confirmed that repository may see,
 which holds whether or not the bytes are cached yet.
+
+What a hit looks up (a tag, a manifest's media type, a repository link) is remembered once
+read, so a hit costs no trip to the database thread. That is sound because this process is the
+index's only writer (the cache lock) and every write goes through here: writes update what is
+remembered, and forgetting content (eviction, rare) clears it all.
 """
 
 from __future__ import annotations
@@ -20,9 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from cachetools import LRUCache
+
 from mirror.oci import Digest
 
 T = TypeVar("T")
+
+# Tags, media types and links remembered each (a few MB at most).
+_REMEMBERED = 65536
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS manifests (
@@ -104,6 +114,9 @@ class Index:
         self._db: sqlite3.Connection | None = None
         # Access times wait here for `flush_access`: a hit costs no disk write.
         self._accessed: dict[str, float] = {}
+        self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(_REMEMBERED)
+        self._types: LRUCache[str, str] = LRUCache(_REMEMBERED)
+        self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(_REMEMBERED)
 
     async def open(self) -> None:
         await self._run(self._connect)
@@ -138,26 +151,41 @@ class Index:
         return self._db
 
     async def tag(self, upstream: str, name: str, tag: str) -> TagRecord | None:
+        key = (upstream, name, tag)
+        if (known := self._tags.get(key)) is not None:
+            return known
+
         def query() -> TagRecord | None:
             row = self.db.execute("SELECT digest, checked_at FROM tags WHERE upstream=? AND name=? AND tag=?",
-                                  (upstream, name, tag)).fetchone()
+                                  key).fetchone()
             return TagRecord(Digest.parse(row[0]), row[1]) if row else None
-        return await self._run(query)
+        record = await self._run(query)
+        if record is not None:
+            self._tags[key] = record
+        return record
 
     async def set_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
         await self._run(lambda: self.db.execute(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
             (upstream, name, tag, str(record.digest), record.checked_at)))
+        self._tags[(upstream, name, tag)] = record
 
     async def drop_tag(self, upstream: str, name: str, tag: str) -> None:
+        self._tags.pop((upstream, name, tag), None)
         await self._run(lambda: self.db.execute(
             "DELETE FROM tags WHERE upstream=? AND name=? AND tag=?", (upstream, name, tag)))
 
     async def manifest_type(self, digest: Digest) -> str | None:
+        if (known := self._types.get(str(digest))) is not None:
+            return known
+
         def query() -> str | None:
             row = self.db.execute("SELECT media_type FROM manifests WHERE digest=?", (str(digest),)).fetchone()
             return str(row[0]) if row else None
-        return await self._run(query)
+        media_type = await self._run(query)
+        if media_type is not None:
+            self._types[str(digest)] = media_type
+        return media_type
 
     async def add_manifest(self, upstream: str, name: str, digest: Digest, media_type: str,
                            references: Iterable[Digest]) -> None:
@@ -174,6 +202,9 @@ class Index:
                 self.db.executemany("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", linked)
                 self.db.executemany("INSERT OR IGNORE INTO refs VALUES (?, ?)", children)
         await self._run(write)
+        self._types[str(digest)] = media_type
+        for link in linked:
+            self._links[link] = True
 
     async def add_blob(self, digest: Digest, size: int) -> bool:
         """Record a published file (a layer, a config or a manifest); True if it was not known,
@@ -264,7 +295,17 @@ class Index:
                                   "DELETE FROM tags WHERE digest = ?", "DELETE FROM links WHERE digest = ?"):
                     self.db.execute(statement, key)
             return released
-        return await self._run(write)
+        # Before the rows go, and again after: a lookup that read them meanwhile may have remembered them.
+        self._forget_remembered()
+        try:
+            return await self._run(write)
+        finally:
+            self._forget_remembered()
+
+    def _forget_remembered(self) -> None:
+        self._tags.clear()
+        self._types.clear()
+        self._links.clear()
 
     async def usage(self) -> tuple[int, int]:
         """(files, bytes) the cache holds."""
@@ -274,13 +315,19 @@ class Index:
         return await self._run(query)
 
     async def is_linked(self, upstream: str, name: str, digest: Digest) -> bool:
-        return await self._run(lambda: self.db.execute(
-            "SELECT 1 FROM links WHERE upstream=? AND name=? AND digest=?",
-            (upstream, name, str(digest))).fetchone() is not None)
+        key = (upstream, name, str(digest))
+        if key in self._links:
+            return True
+        linked = await self._run(lambda: self.db.execute(
+            "SELECT 1 FROM links WHERE upstream=? AND name=? AND digest=?", key).fetchone() is not None)
+        if linked:
+            self._links[key] = True
+        return linked
 
     async def link(self, upstream: str, name: str, digest: Digest) -> None:
-        await self._run(lambda: self.db.execute(
-            "INSERT OR IGNORE INTO links VALUES (?, ?, ?)", (upstream, name, str(digest))))
+        key = (upstream, name, str(digest))
+        await self._run(lambda: self.db.execute("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", key))
+        self._links[key] = True
 
 
 def cached_images(path: Path) -> list[CachedImage]:

@@ -114,6 +114,12 @@ class Proxy:
         assert reference.tag is not None
         record = await self._index.tag(upstream.name, route.name, reference.tag)
         cached = await self._cached_manifest(record.digest) if record else None
+        if (record is None or cached is None) and not complete_accept:
+            # What the tag means is learnt with everything accepted, as every client sees it;
+            # most narrow clients (one media type) can take that form, and then hit from now on.
+            canonical = await self._fetch_manifest(upstream, route.name, reference, ACCEPT_ALL, tag_it=True)
+            if accepts(accept, canonical.media_type):
+                return canonical
         if record is None or cached is None or not accepts(accept, cached.media_type):
             return await self._fetch_manifest(upstream, route.name, reference, upstream_accept,
                                               tag_it=complete_accept)

@@ -103,6 +103,17 @@ async def test_narrow_accept_gets_what_it_accepts_and_does_not_retag(make_mirror
     assert (headers["Content-Type"], body) == (DOCKER_LIST, image.manifest)
 
 
+async def test_narrow_accept_that_takes_the_tags_form_hits_the_cache(
+        make_mirror: MirrorFactory, registry: Registry, counting: Counting, client: aiohttp.ClientSession) -> None:
+    image = registry.images["single"]  # an OCI manifest
+    mirror = await make_mirror({"docker.io": counting.url})
+    url = f"{mirror.url}/v2/{image.name}/manifests/{image.tag}"
+    for cache in ("MISS", "HIT", "HIT"):
+        status, headers, body = await get(client, url, Accept=OCI_MANIFEST)
+        assert (status, headers["X-Mirror-Cache"], body) == (200, cache, image.manifest)
+    assert counting.count("GET", "manifests") == 1
+
+
 async def test_blob_miss_then_hit_with_ranges(make_mirror: MirrorFactory, registry: Registry,
                                               counting: Counting, client: aiohttp.ClientSession) -> None:
     image = registry.images["single"]
