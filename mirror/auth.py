@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _ISSUER = "mirror"
 # A good password stays good for this long without paying for bcrypt again (and a wrong one bad).
 _VERIFIED_TTL = 300.0
-_BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 # bcrypt checks at once, checks that may wait, and failed logins an address may have per window.
 _CHECKERS = 2
 _MAX_WAITING = 16
@@ -71,6 +71,8 @@ class Htpasswd:
         self._failures: TTLCache[str, int] = TTLCache(maxsize=16384, ttl=_FAILURE_WINDOW)
         self._checkers = ThreadPoolExecutor(max_workers=_CHECKERS, thread_name_prefix="bcrypt")
         self._waiting = 0
+        self._generation = 0
+        self._dummy_cost = 10
         self.load()
 
     def load(self) -> None:
@@ -89,8 +91,10 @@ class Htpasswd:
                                   f"(make entries with htpasswd -B)")
             users[user] = hashed.encode()
         costs = [int(h[4:6]) for h in users.values()] or [10]
-        self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(max(set(costs), key=costs.count)))
+        self._dummy_cost = max(set(costs), key=costs.count)
+        self._dummy = b""
         self._users = users
+        self._generation += 1
         self._verified.clear()
         self._refused.clear()
 
@@ -103,23 +107,37 @@ class Htpasswd:
             return True
         if key in self._refused:
             return False
-        if self._failures.get(client, 0) >= _MAX_FAILURES:
-            raise TooManyRequests("too many failed logins from this address; try again later",
+        # Per address and account: one tenant's stale pull secret locks out only that account there.
+        attempts = f"{client}\0{user}"
+        if self._failures.get(attempts, 0) >= _MAX_FAILURES:
+            raise TooManyRequests("too many failed logins for this account from this address; try again later",
                                   retry_after=str(int(_FAILURE_WINDOW)))
         if self._waiting >= _MAX_WAITING:
             raise TooManyRequests("too many logins at once; try again", retry_after="1")
+        generation, hashed = self._generation, self._users.get(user)
         self._waiting += 1
         try:
-            matches = await asyncio.get_running_loop().run_in_executor(
-                self._checkers, bcrypt.checkpw, secret, self._users.get(user, self._dummy))
+            matches = await asyncio.get_running_loop().run_in_executor(self._checkers, self._check, secret, hashed)
         finally:
             self._waiting -= 1
-        if matches and user in self._users:
+        if generation != self._generation:
+            return matches and hashed is not None  # the file changed meanwhile: answer, remember nothing
+        if matches and hashed is not None:
             self._verified[key] = user
             return True
         self._refused[key] = True
-        self._failures[client] = self._failures.get(client, 0) + 1
+        self._failures[attempts] = self._failures.get(attempts, 0) + 1
         return False
+
+    def _check(self, secret: bytes, hashed: bytes | None) -> bool:
+        """On a checker thread. An unknown user is checked against a stand-in hash of the
+        file's usual cost, made on first need (off the event loop)."""
+        if hashed is None:
+            if not self._dummy:
+                self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(self._dummy_cost))
+            bcrypt.checkpw(secret, self._dummy)
+            return False
+        return bcrypt.checkpw(secret, hashed)
 
     def close(self) -> None:
         self._checkers.shutdown(wait=False, cancel_futures=True)

@@ -527,6 +527,9 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             raise ConfigError("connections.max: must be at least 1")
         durations = {key: parse_duration(section.data.get(key, default), section.at(key))
                      for key, default in (("header_timeout", 30), ("keepalive_timeout", 75))}
+        for key, seconds in durations.items():
+            if seconds <= 0:
+                raise ConfigError(f"connections.{key}: must be positive")
         config = replace(config, connections=ConnectionLimits(**durations, max_connections=limit))
     if (timeouts := root.data.get("upstream_timeouts")) is not None:
         section = _Section(timeouts, "upstream_timeouts")

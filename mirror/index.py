@@ -10,8 +10,9 @@ which holds whether or not the bytes are cached yet.
 
 What a hit looks up (a tag, a manifest's media type, a repository link) is remembered once
 read, so a hit costs no trip to the database thread. That is sound because this process is the
-index's only writer (the cache lock) and every write goes through here: writes update what is
-remembered, and forgetting content (eviction, rare) clears it all.
+only writer of those tables (the cache lock; operator commands write only pins) and every write
+goes through here: a tag write unremembers the tag (and a read that raced a write is not
+remembered), and forgetting content (eviction, rare) clears it all.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Index:
         # Access times wait here for `flush_access`: a hit costs no disk write.
         self._accessed: dict[str, float] = {}
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(_REMEMBERED)
+        self._tag_writes = 0
         self._types: LRUCache[str, str] = LRUCache(_REMEMBERED)
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(_REMEMBERED)
 
@@ -154,23 +156,27 @@ class Index:
         key = (upstream, name, tag)
         if (known := self._tags.get(key)) is not None:
             return known
+        writes = self._tag_writes
 
         def query() -> TagRecord | None:
             row = self.db.execute("SELECT digest, checked_at FROM tags WHERE upstream=? AND name=? AND tag=?",
                                   key).fetchone()
             return TagRecord(Digest.parse(row[0]), row[1]) if row else None
         record = await self._run(query)
-        if record is not None:
+        # A tag written meanwhile makes what was read stale: it is answered, not remembered.
+        if record is not None and writes == self._tag_writes:
             self._tags[key] = record
         return record
 
     async def set_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
+        self._tag_writes += 1
+        self._tags.pop((upstream, name, tag), None)
         await self._run(lambda: self.db.execute(
             "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
             (upstream, name, tag, str(record.digest), record.checked_at)))
-        self._tags[(upstream, name, tag)] = record
 
     async def drop_tag(self, upstream: str, name: str, tag: str) -> None:
+        self._tag_writes += 1
         self._tags.pop((upstream, name, tag), None)
         await self._run(lambda: self.db.execute(
             "DELETE FROM tags WHERE upstream=? AND name=? AND tag=?", (upstream, name, tag)))
@@ -303,6 +309,7 @@ class Index:
             self._forget_remembered()
 
     def _forget_remembered(self) -> None:
+        self._tag_writes += 1
         self._tags.clear()
         self._types.clear()
         self._links.clear()

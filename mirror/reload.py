@@ -48,6 +48,9 @@ class Reloadable:
             self.load()
         except ConfigError as exc:
             log.error("kept the previous %s: %s", self.name, exc)
+        except Exception:
+            # Whatever a file holds, the watcher (and the other files' reloads) must go on.
+            log.exception("kept the previous %s", self.name)
         else:
             log.info("reloaded the %s", self.name)
         self._seen = stamp

@@ -18,7 +18,7 @@ import aiohttp
 import bcrypt
 import pytest
 
-from mirror.auth import Identity, Tokens, parse_basic
+from mirror.auth import Htpasswd, Identity, Tokens, parse_basic
 from mirror.config import AccessRule, AuthConfig, load
 from mirror.errors import ConfigError
 from mirror.proxy import Proxy
@@ -395,12 +395,14 @@ async def test_wrong_password_floods_are_refused_without_bcrypt(
     assert [await attempt("alice", "wrong") for _ in range(3)] == [401] * 3
     assert await attempt("nobody", "wrong") == 401
     assert len(checks) == 2
-    # Ten failures from one address, then refusals that cost nothing.
+    # Ten failures for one account from one address, then refusals that cost nothing.
     statuses = [await attempt("alice", f"guess-{i}") for i in range(20)]
-    assert statuses == [401] * 8 + [429] * 12
-    assert len(checks) == 10
+    assert statuses == [401] * 9 + [429] * 11
+    assert len(checks) == 11
+    # Other accounts from the same address are not locked out.
+    assert await attempt("bob", PASSWORDS["bob"]) == 200
     async with client.get(f"{mirror.url}/v2/", headers={"Authorization": basic("alice", "guess-99")}) as response:
-        assert response.headers["Retry-After"] == "60"
+        assert (response.status, response.headers["Retry-After"]) == (429, "60")
 
 
 async def test_malformed_requests_leave_no_credential_in_the_log(
@@ -419,3 +421,18 @@ async def test_malformed_requests_leave_no_credential_in_the_log(
     lines = list(captured.lines())
     assert any("refused a malformed request" in line for line in lines)
     assert not [line for line in lines if secret in line]
+
+
+async def test_a_password_check_that_races_a_reload_is_not_remembered(tmp_path: Path) -> None:
+    path = write_htpasswd(tmp_path / "htpasswd")
+    accounts = Htpasswd(path)
+    try:
+        checking = asyncio.create_task(accounts.verify("alice", PASSWORDS["alice"], "10.0.0.1"))
+        await asyncio.sleep(0)  # the check is under way against the old password
+        path.write_text(f"alice:{bcrypt.hashpw(b'rotated', bcrypt.gensalt(4)).decode()}\n")
+        accounts.load()
+        assert await checking, "the check answers for the file it started with"
+        assert not await accounts.verify("alice", PASSWORDS["alice"], "10.0.0.1"), "the old password is gone"
+        assert await accounts.verify("alice", "rotated", "10.0.0.1")
+    finally:
+        accounts.close()

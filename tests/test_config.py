@@ -163,6 +163,7 @@ default_upstream: a.example
     ("connections: {max: 0}", "connections.max: must be at least 1"),
     ("connections: {header_timeout: slow}", "connections.header_timeout: expected a duration"),
     ("connections: {idle: 1}", "connections.idle: unknown key"),
+    ("connections: {header_timeout: 0}", "connections.header_timeout: must be positive"),
     ("shutdown_grace: soon", "shutdown_grace: expected a duration"),
     ("metrics_listen: 9090", "metrics_listen: expected HOST:PORT"),
     ("listen: '127.0.0.1:5000'\nmetrics_listen: '127.0.0.1:5000'", "metrics_listen: must differ from listen"),

@@ -3,6 +3,7 @@ a restart, reconciled with the files at start-up, and listed by `mirror ls`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from mirror.index import cached_images
+from mirror.index import Index, TagRecord, cached_images
 from mirror.oci import Digest
 from tests.conftest import Counting, Mirror, MirrorFactory, Registry
 from tests.support.images import PushedImage
@@ -114,3 +115,20 @@ async def test_startup_reconciles_the_index_with_the_files(
     async with client.get(f"{restarted.url}/v2/{image.name}/blobs/{vanished}") as response:
         assert (response.headers["X-Mirror-Cache"], await response.read()) == ("MISS", image.blobs[vanished])
     assert counting.count("GET", "blobs") == 1
+
+
+async def test_a_tag_read_that_races_its_removal_is_not_remembered(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.db")
+    await index.open()
+    try:
+        digest = Digest.of(b"manifest")
+        await index.set_tag("docker.io", "library/alpine", "3.19", TagRecord(digest, 1.0))
+        reading = asyncio.create_task(index.tag("docker.io", "library/alpine", "3.19"))
+        await asyncio.sleep(0)  # the read is queued on the database thread, ahead of the removal
+        await index.drop_tag("docker.io", "library/alpine", "3.19")
+        assert (await reading) == TagRecord(digest, 1.0), "the read saw the row before it went"
+        assert await index.tag("docker.io", "library/alpine", "3.19") is None, "and did not bring it back"
+        await index.set_tag("docker.io", "library/alpine", "3.19", TagRecord(digest, 2.0))
+        assert await index.tag("docker.io", "library/alpine", "3.19") == TagRecord(digest, 2.0)
+    finally:
+        await index.close()
