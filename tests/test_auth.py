@@ -283,6 +283,21 @@ async def test_docker_login_and_pull(sandbox: Sandbox, guarded: tuple[Mirror, Co
     assert info["Id"] == json.loads(image.manifest)["config"]["digest"]
 
 
+async def test_docker_daemon_presents_its_docker_hub_login_to_a_mirror(
+        sandbox: Sandbox, htpasswd: Path, registry: Registry, make_mirror: MirrorFactory, tmp_path: Path) -> None:
+    """What the README says of registry-mirrors and accounts: the daemon has none for the mirror,
+    and sends the one stored for Docker Hub."""
+    require_binary("dockerd")
+    mirror = await make_mirror({"docker.io": registry.url}, auth=AuthConfig(htpasswd=htpasswd))
+    async with DockerDaemon(sandbox, tmp_path / "docker", snippet("docker/daemon.json", mirror.host)) as daemon:
+        refused = await daemon.docker("pull", "alpine:3.19", check=False)
+        assert refused.returncode != 0, "anonymous, and the mirror wants an account"
+        hub_login = base64.b64encode(f"alice:{PASSWORDS['alice']}".encode()).decode()
+        (tmp_path / "docker" / "client" / "config.json").write_text(
+            json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": hub_login}}}))
+        await daemon.docker("pull", "alpine:3.19")
+
+
 async def test_ctr_with_user(sandbox: Sandbox, guarded: tuple[Mirror, Counting], registry: Registry,
                              tmp_path: Path) -> None:
     require_binary("containerd")
