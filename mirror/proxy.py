@@ -180,7 +180,9 @@ class Proxy:
             if claimed is not None and claimed != digest:
                 raise IntegrityError(f"upstream {upstream.name} sent a manifest for {claimed} whose digest is {digest}")
         media_type = manifest_media_type(fetched.body, fetched.media_type)
-        await self._store.put(digest, fetched.body)
+        if self._store.size(digest) is None:
+            # Same digest, same bytes: a manifest stored under another tag is not written again.
+            await self._store.put(digest, fetched.body)
         if await self._index.add_blob(digest, len(fetched.body)):
             self._evictor.added(len(fetched.body))
         await self._index.add_manifest(upstream.name, name, digest, media_type, manifest_references(fetched.body))
