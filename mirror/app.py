@@ -25,7 +25,7 @@ from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.gate import Gate
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
-from mirror.index import Index
+from mirror.index import INDEX_FILE, Index
 from mirror.logs import protect as protect_logs
 from mirror.metrics import Metrics
 from mirror.oci import Digest
@@ -34,7 +34,7 @@ from mirror.proxy import Proxy
 from mirror.reload import Reloadable, reload_all, watch
 from mirror.routing import Router
 from mirror.storage import BlobStore
-from mirror.tls import load_certificate, server_context
+from mirror.tls import reload_certificate, server_context
 from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         swept = store.open()
         if swept:
             log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
-        index = Index(config.cache_dir / "index.db", clock=clock)
+        index = Index(config.cache_dir / INDEX_FILE, clock=clock)
         await index.open()
         reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
         if reconciled.added or reconciled.removed:
@@ -209,7 +209,7 @@ def _reloadables(config: Config, app: web.Application, context: ssl.SSLContext |
     reloadables = []
     if config.tls is not None and context is not None:
         tls = config.tls
-        reloadables.append(Reloadable("TLS certificate", (tls.cert, tls.key), lambda: load_certificate(context, tls)))
+        reloadables.append(Reloadable("TLS certificate", (tls.cert, tls.key), lambda: reload_certificate(context, tls)))
     gate = app.get(GATE)
     if gate is not None and gate.htpasswd is not None:
         reloadables.append(Reloadable("htpasswd file", (gate.htpasswd.path,), gate.htpasswd.load))
@@ -258,11 +258,11 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
     store.lock()
     try:
         store.open()
-        database = config.cache_dir / "index.db"
+        database = config.cache_dir / INDEX_FILE
         files = store
         with tempfile.TemporaryDirectory() as scratch:
             if dry_run:
-                copy = Path(scratch) / "index.db"
+                copy = Path(scratch) / INDEX_FILE
                 with sqlite3.connect(database) as source, sqlite3.connect(copy) as target:
                     source.backup(target)
                 database, files = copy, _KeepFiles(config.cache_dir)

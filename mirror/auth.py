@@ -27,7 +27,7 @@ import bcrypt
 import jwt
 from cachetools import LRUCache, TTLCache
 
-from mirror.config import AccessRule, AuthConfig
+from mirror.config import AuthConfig
 from mirror.errors import ConfigError, TooManyRequests
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,13 @@ class Identity:
     user: str | None
     """None: anonymous."""
     groups: frozenset[str] = frozenset()
+
+    @property
+    def names(self) -> frozenset[str]:
+        """What an access rule's `who` may call this client."""
+        if self.user is None:
+            return frozenset({"*", "anonymous"})
+        return frozenset({"*", "authenticated", f"user:{self.user}", *(f"group:{g}" for g in self.groups)})
 
 
 ANONYMOUS = Identity(None)
@@ -121,8 +128,8 @@ class Htpasswd:
         finally:
             self._waiting -= 1
         if generation != self._generation:
-            return matches and hashed is not None  # the file changed meanwhile: answer, remember nothing
-        if matches and hashed is not None:
+            return matches  # the file changed meanwhile: answer, remember nothing
+        if matches:
             self._verified[key] = user
             return True
         self._refused[key] = True
@@ -207,18 +214,11 @@ class Policy:
         rules, authentication alone decides."""
         if not self._rules:
             return identity.user is not None or not self.required
-        repository = f"{upstream}/{name}"
+        repository, names = f"{upstream}/{name}", identity.names
         for rule in self._rules:
-            if _names(rule, identity) and any(fnmatch.fnmatchcase(repository, p) for p in rule.repositories):
+            if not names.isdisjoint(rule.who) and any(fnmatch.fnmatchcase(repository, p) for p in rule.repositories):
                 return rule.allow
         return False
-
-
-def _names(rule: AccessRule, identity: Identity) -> bool:
-    if identity.user is None:
-        return any(who in ("*", "anonymous") for who in rule.who)
-    names = {"*", "authenticated", f"user:{identity.user}", *(f"group:{g}" for g in identity.groups)}
-    return not names.isdisjoint(rule.who)
 
 
 def parse_basic(header: str) -> tuple[str, str] | None:

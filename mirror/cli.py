@@ -16,7 +16,7 @@ from mirror import __version__
 from mirror.app import evict_now, serve
 from mirror.config import Config, Overrides, load
 from mirror.errors import CacheBusy, ConfigError, MirrorError
-from mirror.index import cached_images, set_pinned
+from mirror.index import INDEX_FILE, cached_images, set_pinned
 from mirror.logs import configure as configure_logs
 from mirror.routing import Router
 
@@ -131,7 +131,7 @@ def set_pin(config: Config, reference: str, pinned: bool, as_json: bool) -> int:
     except MirrorError as exc:
         print(f"mirror: {exc.message}", file=sys.stderr)
         return 2
-    database = config.cache_dir / "index.db"
+    database = config.cache_dir / INDEX_FILE
     digest = set_pinned(database, route.upstream.name, route.name, str(route.reference), pinned) \
         if database.exists() else None
     if digest is None:
@@ -158,7 +158,7 @@ def _manifest_path(reference: str) -> str:
 
 
 def list_cached(config: Config, as_json: bool) -> int:
-    database = config.cache_dir / "index.db"
+    database = config.cache_dir / INDEX_FILE
     images = cached_images(database) if database.exists() else []
     if as_json:
         print(json.dumps([dataclasses.asdict(image) for image in images], indent=2))

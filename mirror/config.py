@@ -472,8 +472,8 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
-    root.check_keys({"listen", "cache_dir", "default_upstream", "upstreams", "upstream_timeouts", "log_level",
-                     "max_size", "eviction", "connections", "auth", "tls", *_SCALARS})
+    root.check_keys({"upstreams", "upstream_timeouts", "max_size", "eviction", "connections", "auth", "tls",
+                     *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -509,8 +509,10 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
         section = _Section(section_data, "eviction")
         section.check_keys({"high_watermark", "low_watermark"})
         eviction = EvictionConfig(
-            high_watermark=_fraction(section.data.get("high_watermark", 0.9), section.at("high_watermark")),
-            low_watermark=_fraction(section.data.get("low_watermark", 0.8), section.at("low_watermark")))
+            high_watermark=_fraction(section.data.get("high_watermark", eviction.high_watermark),
+                                     section.at("high_watermark")),
+            low_watermark=_fraction(section.data.get("low_watermark", eviction.low_watermark),
+                                    section.at("low_watermark")))
         if eviction.low_watermark > eviction.high_watermark:
             raise ConfigError("eviction.low_watermark: must not be above high_watermark")
     for origin, value in (("max_size", root.data.get("max_size")), ("MIRROR_MAX_SIZE", environ.get("MIRROR_MAX_SIZE")),
@@ -522,11 +524,10 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
     if (connections := root.data.get("connections")) is not None:
         section = _Section(connections, "connections")
         section.check_keys({"header_timeout", "keepalive_timeout", "max"})
-        limit = section.get("max", int, 4096)
+        limit = section.get("max", int, config.connections.max_connections)
         if limit < 1:
             raise ConfigError("connections.max: must be at least 1")
-        durations = {key: parse_duration(section.data.get(key, default), section.at(key))
-                     for key, default in (("header_timeout", 30), ("keepalive_timeout", 75))}
+        durations = _durations(section, config.connections, ("header_timeout", "keepalive_timeout"))
         for key, seconds in durations.items():
             if seconds <= 0:
                 raise ConfigError(f"connections.{key}: must be positive")
@@ -535,9 +536,7 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
         section = _Section(timeouts, "upstream_timeouts")
         section.check_keys({"connect", "read", "revalidate"})
         config = replace(config, timeouts=TimeoutConfig(
-            connect=parse_duration(section.data.get("connect", 10), section.at("connect")),
-            read=parse_duration(section.data.get("read", 60), section.at("read")),
-            revalidate=parse_duration(section.data.get("revalidate", 5), section.at("revalidate"))))
+            **_durations(section, config.timeouts, ("connect", "read", "revalidate"))))
     config = replace(config, auth=_auth(root, overrides), tls=_tls(root, overrides))
     _validate(config)
     return config
@@ -562,7 +561,8 @@ def _auth(root: _Section, overrides: Overrides) -> AuthConfig:
             token = _Section(token_data, section.at("token"))
             token.check_keys({"lifetime", "key_file", "realm"})
             key_file = token.get("key_file", str)
-            auth = replace(auth, token_lifetime=parse_duration(token.data.get("lifetime", 300), token.at("lifetime")),
+            auth = replace(auth, token_lifetime=parse_duration(token.data.get("lifetime", auth.token_lifetime),
+                                                               token.at("lifetime")),
                            token_key_file=Path(key_file) if key_file else None, realm=token.get("realm", str))
             if auth.token_lifetime <= 0:
                 raise ConfigError(f"{token.at('lifetime')}: must be positive")
@@ -648,6 +648,11 @@ def check_private(path: Path, what: str) -> None:
         if os.geteuid() == 0:
             raise ConfigError(message)
         logging.getLogger(__name__).warning("%s", message)
+
+
+def _durations(section: _Section, defaults: object, keys: Sequence[str]) -> dict[str, float]:
+    """The section's duration `keys`, each defaulting to its dataclass default (on `defaults`)."""
+    return {key: parse_duration(section.data.get(key, getattr(defaults, key)), section.at(key)) for key in keys}
 
 
 def _fraction(value: object, path: str) -> float:

@@ -60,7 +60,7 @@ class Gate:
         if identity is None:
             raise Unauthorized("invalid credentials", challenge=self._challenge(request, route))
         if not self.policy.allows(identity, route.upstream.name, route.name):
-            if identity.user is None and self.htpasswd is not None:
+            if identity.user is None and self.policy.required:
                 raise Unauthorized("authentication required", challenge=self._challenge(request, route))
             raise Denied("access to this repository is denied")
 
@@ -71,20 +71,22 @@ class Gate:
             scheme, _, value = header.partition(" ")
             if scheme.lower() == "bearer":
                 user = self.tokens.user(value.strip(), SERVICE)
-                return None if user is None else self._known(request, self.policy.identity(user))
+                return None if user is None else self._as(request, user)
             basic = parse_basic(header)
-            if basic is None or self.htpasswd is None or not await self.htpasswd.verify(*basic, _client(request)):
-                return None
-            return self._known(request, self.policy.identity(basic[0]))
+            return await self._verified(request, *basic) if basic else None
         peer = request.transport.get_extra_info("peercert") if request.transport else None
-        if peer:
-            user = _common_name(peer)
-            if user:
-                return self._known(request, self.policy.identity(user))
+        if peer and (user := _common_name(peer)):
+            return self._as(request, user)
         return ANONYMOUS
 
-    @staticmethod
-    def _known(request: web.Request, identity: Identity) -> Identity:
+    async def _verified(self, request: web.Request, user: str, password: str) -> Identity | None:
+        """The account `user`, if `password` is its password."""
+        if self.htpasswd is None or not await self.htpasswd.verify(user, password, _client(request)):
+            return None
+        return self._as(request, user)
+
+    def _as(self, request: web.Request, user: str) -> Identity:
+        identity = self.policy.identity(user)
         if identity.user:
             request[USER] = identity.user
         return identity
@@ -98,24 +100,18 @@ class Gate:
             grant = form.get("grant_type")
             if grant != "password":
                 raise RequestInvalid(f"grant_type {str(grant)[:40]!r} is not supported; use password")
-            user, password = str(form.get("username", "")), str(form.get("password", ""))
-            identity = await self._login(request, user, password)
+            identity = await self._verified(request, form.get("username", ""), form.get("password", ""))
         elif "Authorization" in request.headers:
             basic = parse_basic(request.headers["Authorization"])
-            identity = await self._login(request, *basic) if basic else None
+            identity = await self._verified(request, *basic) if basic else None
         if identity is None:
+            log.info("token refused: bad credentials")
             raise Unauthorized("invalid username or password", challenge=f'Basic realm="{SERVICE}"')
         issued = datetime.now(UTC)
         token = self.tokens.issue(identity, SERVICE)
         return web.json_response({"token": token, "access_token": token, "expires_in": int(self.tokens.lifetime),
                                   "issued_at": issued.isoformat(timespec="seconds").replace("+00:00", "Z")},
                                  headers={"Cache-Control": "no-store"})
-
-    async def _login(self, request: web.Request, user: str, password: str) -> Identity | None:
-        if self.htpasswd is None or not await self.htpasswd.verify(user, password, _client(request)):
-            log.info("token refused: bad credentials for user %r", user[:100])
-            return None
-        return self._known(request, self.policy.identity(user))
 
     def close(self) -> None:
         if self.htpasswd is not None:

@@ -32,6 +32,9 @@ from mirror.oci import Digest
 
 T = TypeVar("T")
 
+INDEX_FILE = "index.db"
+"""The index's file name in the cache directory."""
+
 # Tags, media types and links remembered each (a few MB at most).
 _REMEMBERED = 65536
 

@@ -39,11 +39,14 @@ class Reloadable:
                 stamps.append((status.st_mtime_ns, status.st_size))
         return tuple(stamps)
 
-    def changed(self) -> bool:
-        return self._stamp() != self._seen
-
     def reload(self) -> None:
-        stamp = self._stamp()
+        self._reload(self._stamp())
+
+    def reload_if_changed(self) -> None:
+        if (stamp := self._stamp()) != self._seen:
+            self._reload(stamp)
+
+    def _reload(self, stamp: tuple[tuple[int, int] | None, ...]) -> None:
         try:
             self.load()
         except ConfigError as exc:
@@ -65,5 +68,4 @@ async def watch(reloadables: Sequence[Reloadable], interval: float = WATCH_INTER
     while True:
         await asyncio.sleep(interval)
         for reloadable in reloadables:
-            if reloadable.changed():
-                reloadable.reload()
+            reloadable.reload_if_changed()

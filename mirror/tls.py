@@ -12,7 +12,7 @@ from mirror.errors import ConfigError
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    load_certificate(context, tls)
+    _load(context, tls)
     if tls.client_ca is not None:
         try:
             context.load_verify_locations(cafile=tls.client_ca)
@@ -22,14 +22,18 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def load_certificate(context: ssl.SSLContext, tls: TlsConfig) -> None:
-    """(Re)load the certificate chain and key: new handshakes use them, open connections keep theirs.
+def reload_certificate(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Reload the certificate chain and key: new handshakes use them, open connections keep theirs.
 
     A pair that does not load (a certificate renewed before its key was written) must not touch
     the live context, where OpenSSL would already have dropped the old key: it is tried on a
     scratch context first."""
+    _load(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), tls)
+    _load(context, tls)
+
+
+def _load(context: ssl.SSLContext, tls: TlsConfig) -> None:
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
         context.load_cert_chain(tls.cert, tls.key)
     except (OSError, ssl.SSLError) as exc:
         # Neither path nor OpenSSL's message carries key material.

@@ -124,7 +124,8 @@ class Upstream:
         self._basic = False
         self._origin = URL(config.url).origin()
         self._credentials = credential_source(config)
-        self._realms = TokenRealms(config.url, config.token_realms)
+        # Where credentials may go; an anonymous upstream has none to send.
+        self._realms = TokenRealms(config.url, config.token_realms) if self._credentials is not None else None
         if self._credentials is not None:
             log.info("upstream %s: credentials from %s", config.name, self._credentials.describe())
 
@@ -225,7 +226,7 @@ class Upstream:
             if "service" in challenge.params:
                 params["service"] = challenge.params["service"]
             realm = URL(challenge.params["realm"])
-            if self._credentials is not None and not self._realms.allows(realm):
+            if self._realms is not None and not self._realms.allows(realm):
                 raise Unauthorized(f"upstream {self.name} sent the mirror to an untrusted token service "
                                    f"{realm.scheme}://{realm.host}")
             credential = await self._credential()
