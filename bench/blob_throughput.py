@@ -32,7 +32,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.images import push_blob_stream  # noqa: E402
-from tests.support.registry import LocalRegistry, find_registry_binary, stop_process  # noqa: E402
+from tests.support.registry import LocalRegistry, find_registry_binary, free_port, stop_process  # noqa: E402
 
 REPOSITORY = "library/bench"
 GEN_CHUNK = 64 << 20
@@ -114,11 +113,6 @@ def blob_digest(size: int, seed: int) -> str:
 # Processes
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def find_mirror_binary() -> Path:

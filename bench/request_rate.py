@@ -18,7 +18,6 @@ import base64
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.images import populate  # noqa: E402
-from tests.support.registry import LocalRegistry, find_registry_binary  # noqa: E402
+from tests.support.registry import LocalRegistry, find_registry_binary, free_port  # noqa: E402
 
 ACCEPT = ("application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
           "application/vnd.docker.distribution.manifest.v2+json, "
@@ -40,10 +39,6 @@ ACCEPT = ("application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def fetch(url: str, headers: dict[str, str] | None = None) -> bytes:

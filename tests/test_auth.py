@@ -24,6 +24,7 @@ from mirror.errors import ConfigError
 from mirror.proxy import Proxy
 from tests.conftest import Captured, Counting, CountingFactory, Mirror, MirrorFactory, Registry, require_binary
 from tests.support.clients import Containerd, DockerDaemon, Sandbox
+from tests.support.pulls import exchange
 from tests.support.snippets import snippet
 
 ACCEPT = ", ".join(["application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
@@ -59,8 +60,7 @@ def write_htpasswd(path: Path) -> Path:
     return path
 
 
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+basic = aiohttp.encode_basic_auth
 
 
 class ProxyCalls:
@@ -424,15 +424,10 @@ async def test_malformed_requests_leave_no_credential_in_the_log(
         guarded: tuple[Mirror, Counting], captured: Captured) -> None:
     mirror, _ = guarded
     secret = base64.b64encode(b"alice:alice-pw-1").decode()
-    address, _, port = mirror.host.rpartition(":")
     for head in (f"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {secret}\x01\r\n\r\n",
                  f"GET /v2/ HTTP/1.1\nHost: x\nAuthorization: Basic {secret}\n\n"):
-        reader, writer = await asyncio.open_connection(address, int(port))
-        writer.write(head.encode())
-        async with asyncio.timeout(30):
-            status_line = (await reader.read()).split(b"\r\n", 1)[0]
+        status_line = (await exchange(mirror.host, head.encode())).split(b"\r\n", 1)[0]
         assert status_line in (b"HTTP/1.0 400 Bad Request", b"HTTP/1.1 400 Bad Request")
-        writer.close()
     lines = list(captured.lines())
     assert any("refused a malformed request" in line for line in lines)
     assert not [line for line in lines if secret in line]

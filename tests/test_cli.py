@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Registry
 from tests.support.served import MIRROR, Served
-from tests.test_skopeo import assert_same_tree, copy
+from tests.support.skopeo import assert_same_tree, copy
 
 
 @pytest.fixture

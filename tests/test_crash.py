@@ -53,7 +53,7 @@ from tests.support.images import (
 )
 from tests.support.passthrough import Passthrough, passthrough
 from tests.support.served import Served
-from tests.test_skopeo import copy
+from tests.support.skopeo import copy
 
 MiB = 1 << 20
 TIMEOUT = 30.0

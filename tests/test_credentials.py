@@ -47,7 +47,7 @@ from mirror.errors import ConfigError
 from tests.conftest import MirrorFactory
 from tests.support.clouds import AzureAd, EcrApi, GceMetadata, GoogleOAuth, serve, url
 from tests.support.fake_upstream import FakeUpstream
-from tests.test_faults import NAME, OTHER, Fetched, add_image, pull_blob, pull_manifest
+from tests.support.pulls import NAME, OTHER, Fetched, add_image, pull_blob, pull_manifest
 
 basic = aiohttp.encode_basic_auth
 AWS_KEY_ID, AWS_SECRET = "AKIDMIRRORTEST", "aws-secret-key-never-sent"

@@ -15,7 +15,7 @@ from mirror.config import EvictionConfig
 from mirror.oci import Digest
 from tests.conftest import Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream
-from tests.test_faults import ACCEPT, Image, add_image, blob_url, manifest_url
+from tests.support.pulls import ACCEPT, Image, add_image, blob_url, manifest_url
 
 KB = 1000
 

@@ -14,10 +14,8 @@ import asyncio
 import hashlib
 import json
 import random
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,87 +23,27 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDictProxy
 
 from mirror.config import TimeoutConfig
-from mirror.oci import MANIFEST_MAX_BYTES, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, Digest
+from mirror.oci import MANIFEST_MAX_BYTES, Digest
 from tests.conftest import Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream, Forced
+from tests.support.pulls import (
+    ACCEPT,
+    CACHE,
+    NAME,
+    OTHER,
+    TIMEOUT,
+    add_image,
+    blob_url,
+    fetch,
+    manifest_url,
+    pull_blob,
+    pull_manifest,
+)
+from tests.support.registry import free_port
 
-NAME = "team/app"
-OTHER = "team/other"
-ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-CACHE = "X-Mirror-Cache"
 MiB = 1 << 20
-# Upper bound for any single wait; the whole file runs in a few seconds.
-TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class Image:
-    name: str
-    tag: str
-    manifest: bytes
-    digest: str
-    config: str
-    layers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Fetched:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-
-    def error_code(self) -> str:
-        document = json.loads(self.body)
-        assert isinstance(document, dict), self.body[:200]
-        code = document["errors"][0]["code"]
-        assert isinstance(code, str)
-        return code
-
-
-def add_image(fake: FakeUpstream, name: str = NAME, tag: str = "latest", layers: Sequence[bytes] = (),
-              seed: int = 0, pad: int = 0) -> Image:
-    """A config blob, the given layers and an OCI manifest naming them, served by the fake."""
-    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
-    config_digest = fake.add_blob(config)
-    layer_digests = tuple(fake.add_blob(layer) for layer in layers)
-    document: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
-                   "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d,
-                    "size": len(fake.blobs[d])} for d in layer_digests],
-    }
-    if pad:
-        document["annotations"] = {"padding": "x" * pad}
-    body = json.dumps(document, indent=2).encode()
-    digest = fake.add_manifest(name, tag, body, OCI_MANIFEST)
-    return Image(name, tag, body, digest, config_digest, layer_digests)
-
-
-def manifest_url(mirror: Mirror, name: str, reference: str) -> str:
-    return f"{mirror.url}/v2/{name}/manifests/{reference}"
-
-
-def blob_url(mirror: Mirror, name: str, digest: str) -> str:
-    return f"{mirror.url}/v2/{name}/blobs/{digest}"
-
-
-async def fetch(client: aiohttp.ClientSession, url: str, method: str = "GET",
-                headers: dict[str, str] | None = None) -> Fetched:
-    async with asyncio.timeout(TIMEOUT), client.request(method, url, headers=headers) as response:
-        return Fetched(response.status, response.headers, await response.read())
-
-
-async def pull_manifest(client: aiohttp.ClientSession, mirror: Mirror, name: str, reference: str) -> Fetched:
-    return await fetch(client, manifest_url(mirror, name, reference), headers={"Accept": ACCEPT})
-
-
-async def pull_blob(client: aiohttp.ClientSession, mirror: Mirror, name: str, digest: str) -> Fetched:
-    return await fetch(client, blob_url(mirror, name, digest))
 
 
 def sha256(data: bytes) -> str:
@@ -120,14 +58,6 @@ def stored_digest(mirror: Mirror, digest: str) -> str | None:
 
 def tmp_files(mirror: Mirror) -> list[Path]:
     return sorted((mirror.services.config.cache_dir / "tmp").iterdir())
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 async def wait_for_signals(signals: Sequence[asyncio.Event], tasks: Sequence[asyncio.Task[Any]]) -> None:
@@ -509,7 +439,7 @@ async def test_upstream_errors_become_oci_errors(
     assert missing.status == 404
     assert missing.error_code() == "BLOB_UNKNOWN"
 
-    unreachable = await make_mirror({"docker.io": f"http://127.0.0.1:{closed_port()}"})
+    unreachable = await make_mirror({"docker.io": f"http://127.0.0.1:{free_port()}"})
     for response in (await pull_manifest(client, unreachable, NAME, "latest"),
                      await pull_blob(client, unreachable, NAME, sha256(b"anything"))):
         assert response.status == 503

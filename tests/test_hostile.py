@@ -23,6 +23,7 @@ from mirror.oci import MAX_NAME_LENGTH, Digest, Reference, parse_name
 from mirror.routing import Endpoint, Router
 from mirror.storage import BlobStore
 from tests.conftest import Counting, Mirror, MirrorFactory, Registry
+from tests.support.pulls import exchange
 from tests.support.served import Served
 
 TIMEOUT = 30.0
@@ -110,21 +111,6 @@ async def test_range_abuse_gets_the_blob_a_range_or_416(
 
 
 # Raw HTTP: what aiohttp's parser refuses before any handler runs.
-
-
-async def exchange(host: str, request: bytes) -> bytes:
-    """Send raw bytes; everything the server answers until it closes (or a reset: b"")."""
-    address, _, port = host.rpartition(":")
-    reader, writer = await asyncio.open_connection(address, int(port))
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(TIMEOUT):
-            return await reader.read()
-    except ConnectionResetError:
-        return b""
-    finally:
-        writer.close()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from mirror.access import ACCESS_LOG
 from mirror.config import EvictionConfig
 from tests.conftest import Captured, Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream, Forced
-from tests.test_faults import ACCEPT, CACHE, NAME, TIMEOUT, add_image, blob_url, manifest_url
+from tests.support.pulls import ACCEPT, CACHE, NAME, TIMEOUT, add_image, blob_url, manifest_url
 
 KiB = 1024
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

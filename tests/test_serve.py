@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.served import Served, free_port
-from tests.test_faults import ACCEPT, NAME, TIMEOUT, add_image
+from tests.support.pulls import ACCEPT, NAME, TIMEOUT, add_image
+from tests.support.registry import free_port
+from tests.support.served import Served
 
 MiB = 1 << 20
 

@@ -137,17 +137,30 @@ def short_directory() -> Path:
     return Path(tempfile.mkdtemp(prefix="mc-", dir="/tmp"))
 
 
-class DockerDaemon:
-    """`dockerd` with its own data, its own socket and no network set-up: it only pulls."""
+class _Client:
+    """A client with its data under `directory` and its sockets and run state under a short
+    temporary directory, removed (with any daemon stopped) on exit."""
 
-    def __init__(self, sandbox: Sandbox, directory: Path, daemon_json: str) -> None:
+    def __init__(self, sandbox: Sandbox, directory: Path) -> None:
         self.sandbox = sandbox
         self.directory = directory
         self.runtime = short_directory()
-        self.socket = f"unix://{self.runtime}/docker.sock"
-        self.config = directory / "daemon.json"
         self.daemon: Daemon | None = None
         directory.mkdir(parents=True, exist_ok=True)
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.daemon is not None:
+            await self.daemon.stop()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+class DockerDaemon(_Client):
+    """`dockerd` with its own data, its own socket and no network set-up: it only pulls."""
+
+    def __init__(self, sandbox: Sandbox, directory: Path, daemon_json: str) -> None:
+        super().__init__(sandbox, directory)
+        self.socket = f"unix://{self.runtime}/docker.sock"
+        self.config = directory / "daemon.json"
         self.config.write_text(daemon_json)
         (directory / "client").mkdir(exist_ok=True)
 
@@ -159,30 +172,20 @@ class DockerDaemon:
             "--ip-masq=false", "--bridge=none", ready="API listen on")
         return self
 
-    async def __aexit__(self, *_: object) -> None:
-        if self.daemon is not None:
-            await self.daemon.stop()
-        shutil.rmtree(self.runtime, ignore_errors=True)
-
     async def docker(self, *args: str, check: bool = True) -> Result:
         return await self.sandbox.run("docker", "--host", self.socket, *args, check=check,
                                       env={"DOCKER_CONFIG": str(self.directory / "client")})
 
     async def inspect(self, reference: str) -> dict[str, object]:
-        info: list[dict[str, object]] = json.loads((await self.docker("image", "inspect", reference)).stdout)
-        return info[0]
+        return _first((await self.docker("image", "inspect", reference)).stdout)
 
 
-class Containerd:
+class Containerd(_Client):
     """A `containerd` of its own (no CRI plugin), driven with `ctr`."""
 
     def __init__(self, sandbox: Sandbox, directory: Path) -> None:
-        self.sandbox = sandbox
-        self.directory = directory
-        self.runtime = short_directory()
+        super().__init__(sandbox, directory)
         self.address = str(self.runtime / "containerd.sock")
-        self.daemon: Daemon | None = None
-        directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "config.toml"
         self.config.write_text(
             "version = 2\n"
@@ -198,11 +201,6 @@ class Containerd:
         self.daemon = await self.sandbox.start("containerd", "--config", str(self.config),
                                                ready="containerd successfully booted")
         return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self.daemon is not None:
-            await self.daemon.stop()
-        shutil.rmtree(self.runtime, ignore_errors=True)
 
     async def ctr(self, *args: str, check: bool = True) -> Result:
         return await self.sandbox.run("ctr", "--address", self.address, *args, check=check)
@@ -222,22 +220,16 @@ class Containerd:
         return set(listing.split())
 
 
-class Podman:
+class Podman(_Client):
     """Root `podman` with its own storage and the given registries.conf (the CRI-O mirror style:
-    both read it through containers/image)."""
+    both read it through containers/image). No daemon: each command is a process."""
 
     def __init__(self, sandbox: Sandbox, directory: Path, registries_conf: Path) -> None:
-        self.sandbox = sandbox
-        self.directory = directory
-        self.runtime = short_directory()
+        super().__init__(sandbox, directory)
         self.registries_conf = registries_conf
-        directory.mkdir(parents=True, exist_ok=True)
 
     async def __aenter__(self) -> Podman:
         return self
-
-    async def __aexit__(self, *_: object) -> None:
-        shutil.rmtree(self.runtime, ignore_errors=True)
 
     async def podman(self, *args: str, check: bool = True) -> Result:
         return await self.sandbox.run(
@@ -247,5 +239,10 @@ class Podman:
             env={"CONTAINERS_REGISTRIES_CONF": str(self.registries_conf)})
 
     async def inspect(self, reference: str) -> dict[str, object]:
-        info: list[dict[str, object]] = json.loads((await self.podman("image", "inspect", reference)).stdout)
-        return info[0]
+        return _first((await self.podman("image", "inspect", reference)).stdout)
+
+
+def _first(inspected: str) -> dict[str, object]:
+    """The one image an `image inspect` of one reference describes."""
+    info: list[dict[str, object]] = json.loads(inspected)
+    return info[0]

@@ -47,8 +47,8 @@ def find_registry_binary() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    """Ask the kernel for an unused loopback port."""
+def free_port() -> int:
+    """Ask the kernel for an unused loopback port (bound, then released: nothing listens there)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -149,7 +149,7 @@ class LocalRegistry:
         # REGISTRY_* variables override the config file, so a stray one could redirect the process.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         for _ in range(_PORT_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             self._write_config(port)
             self._port = port
             self._log = self.log_path.open("ab")
