@@ -21,6 +21,7 @@ from aiohttp import web
 from mirror.access import ACCESS_LOG, METRICS, AccessLogger
 from mirror.config import Config
 from mirror.connections import GuardedSite
+from mirror.errors import CacheWriteError
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.gate import Gate
@@ -109,7 +110,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         await evictor.open()
         if max_ages := _max_ages(config):
             periodic.append(loop.create_task(_expire(evictor, max_ages, clock or time.time), name="expire"))
-        upstreams = {u.name: Upstream(u, session, blob_session, metrics) for u in config.upstreams}
+        upstreams = {u.name: Upstream(u, session, blob_session, metrics, clock or time.monotonic)
+                     for u in config.upstreams}
         proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
                       clock=clock)
         app[SERVICES] = Services(config, store, index, background, proxy, evictor)
@@ -218,10 +220,15 @@ def _reloadables(config: Config, app: web.Application, context: ssl.SSLContext |
 
 def _upstream_session(timeout: aiohttp.ClientTimeout,
                       connector: aiohttp.BaseConnector | None = None) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=UPSTREAM_READ_BUFFER,
         # Layers are already compressed and must arrive byte for byte as their digest says.
         headers={"User-Agent": "mirror (pull-through cache)", "Accept-Encoding": "identity"})
+    # aiohttp sends an idempotent request a second time when its connection closes unanswered;
+    # to a failing upstream that doubles the load the breaker is there to spare. Blob downloads
+    # resume by themselves, and one unanswered manifest request does not open the breaker.
+    session._retry_connection = False
+    return session
 
 
 async def _flush_access(index: Index) -> None:
@@ -229,7 +236,7 @@ async def _flush_access(index: Index) -> None:
         await asyncio.sleep(ACCESS_FLUSH_INTERVAL)
         try:
             await index.flush_access()
-        except sqlite3.Error as exc:
+        except CacheWriteError as exc:
             # Access times only order eviction: losing one batch is no reason to stop.
             log.warning("could not record access times: %s", exc)
 
@@ -243,7 +250,7 @@ async def _expire(evictor: Evictor, max_ages: dict[str, float], clock: Callable[
         await asyncio.sleep(EXPIRE_INTERVAL)
         try:
             expired = await evictor.expire(max_ages, clock())
-        except (sqlite3.Error, OSError) as exc:
+        except (CacheWriteError, OSError) as exc:
             log.warning("could not expire old content: %s", exc)
             continue
         if expired:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.breaker import BreakerConfig
 from mirror.credentials import (
     AZURE_AUTHORITY,
     AcrCredentials,
@@ -64,6 +65,15 @@ class UpstreamConfig:
     """Content nobody pulled for this long is evicted (unless another upstream keeps it)."""
     library_prefix: bool = False
     """Docker Hub's rule: a one-segment name means `library/<name>`."""
+    stale_while_revalidate: bool = True
+    """A tag past its TTL is served from the cache at once while one revalidation runs in the
+    background; False waits for the revalidation (up to `upstream_timeouts.revalidate`)."""
+    negative_ttl: float = 30.0
+    """How long an upstream 404 for a tag or manifest is remembered (0: not at all)."""
+    on_refusal: str = "stale"
+    """What an upstream 401 or 403 means for a cached tag: `stale` (an outage of the mirror's
+    credentials: serve the cached copy and log it) or `deny` (stop serving it)."""
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +297,7 @@ def _secret(section: _Section, key: str, environ: Mapping[str, str]) -> str | No
 
 def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     section.check_keys({"name", "url", "aliases", "tag_ttl", "max_age", "library_prefix", "credentials",
-                        "token_realms"})
+                        "token_realms", "stale_while_revalidate", "negative_ttl", "on_refusal", "breaker"})
     name = section.get("name", str)
     url = section.get("url", str)
     if name is None or url is None:
@@ -320,7 +330,35 @@ def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
         max_age=(parse_duration(section.data["max_age"], section.at("max_age"))
                  if section.data.get("max_age") is not None else None),
         library_prefix=section.get("library_prefix", bool, name == DOCKER_HUB),
+        stale_while_revalidate=section.get("stale_while_revalidate", bool, True),
+        negative_ttl=parse_duration(section.data.get("negative_ttl", 30), section.at("negative_ttl")),
+        on_refusal=_choice(section, "on_refusal", ("stale", "deny"), "stale"),
+        breaker=_breaker(section),
     )
+
+
+def _choice(section: _Section, key: str, choices: tuple[str, ...], default: str) -> str:
+    value: str = section.get(key, str, default)
+    if value not in choices:
+        raise ConfigError(f"{section.at(key)}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _breaker(upstream: _Section) -> BreakerConfig:
+    if (data := upstream.data.get("breaker")) is None:
+        return BreakerConfig()
+    section = _Section(data, upstream.at("breaker"))
+    section.check_keys({"failures", "backoff", "max_backoff", "refusal_backoff"})
+    failures = section.get("failures", int, BreakerConfig().failures)
+    if failures < 1:
+        raise ConfigError(f"{section.at('failures')}: must be at least 1")
+    durations = _durations(section, BreakerConfig(), ("backoff", "max_backoff", "refusal_backoff"))
+    for key, seconds in durations.items():
+        if seconds <= 0:
+            raise ConfigError(f"{section.at(key)}: must be positive")
+    if durations["max_backoff"] < durations["backoff"]:
+        raise ConfigError(f"{section.at('max_backoff')}: must not be below backoff")
+    return BreakerConfig(failures=failures, **durations)
 
 
 _CREDENTIAL_KINDS = ("docker_config", "ecr", "gcr", "acr")

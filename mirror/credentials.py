@@ -36,7 +36,7 @@ import aiohttp
 from publicsuffixlist import PublicSuffixList
 from yarl import URL
 
-from mirror.errors import MirrorError, Unauthorized, Unavailable
+from mirror.errors import MirrorError, Unavailable, UpstreamRefused
 
 if TYPE_CHECKING:
     from mirror.config import UpstreamConfig
@@ -369,12 +369,12 @@ class EcrSource(RefreshingSource):
             token = base64.b64decode(data["authorizationToken"]).decode()
             expires = data["expiresAt"].timestamp()
         except botocore.exceptions.NoCredentialsError:
-            raise Unauthorized(f"{self.describe()}: no AWS credentials found") from None
+            raise UpstreamRefused(f"{self.describe()}: no AWS credentials found") from None
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "?")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
             refused = status < 500 and "Throttl" not in code
-            raise (Unauthorized if refused else Unavailable)(f"{self.describe()} failed: {code}") from None
+            raise (UpstreamRefused if refused else Unavailable)(f"{self.describe()} failed: {code}") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise Unavailable(f"{self.describe()} failed: {type(exc).__name__}") from None
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
@@ -422,7 +422,7 @@ class GcrSource(RefreshingSource):
         except google.auth.exceptions.GoogleAuthError as exc:
             transport = isinstance(exc, google.auth.exceptions.TransportError) or isinstance(
                 exc.__cause__, google.auth.exceptions.TransportError)
-            error = Unavailable if transport or exc.retryable else Unauthorized
+            error = Unavailable if transport or exc.retryable else UpstreamRefused
             raise error(f"{self.describe()}: no access token: {type(exc).__name__}") from None
         if not credentials.token or credentials.expiry is None:
             raise Unavailable(f"{self.describe()}: no access token")
@@ -466,7 +466,7 @@ class AcrExchangeSource(RefreshingSource):
         try:
             async with session.post(url, data=form, allow_redirects=False) as response:
                 if response.status in (400, 401, 403):
-                    raise Unauthorized(f"{self.describe()}: {what} refused the credentials ({response.status})")
+                    raise UpstreamRefused(f"{self.describe()}: {what} refused the credentials ({response.status})")
                 if response.status != 200:
                     raise Unavailable(f"{self.describe()}: {what} answered {response.status}")
                 body = await response.json(content_type=None)

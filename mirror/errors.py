@@ -7,7 +7,8 @@ middleware in `mirror.handlers`). The tree:
     ├── NameInvalid          400 NAME_INVALID       malformed repository name
     ├── TagInvalid           400 TAG_INVALID        malformed tag
     ├── DigestInvalid        400 DIGEST_INVALID     malformed digest, or content that fails its digest
-    ├── ManifestInvalid      400 MANIFEST_INVALID   an upstream manifest the mirror will not store
+    ├── ManifestInvalid      502 MANIFEST_INVALID   an upstream manifest the mirror will not store or serve:
+    │                                               not JSON, not schemaVersion 2, a type that disagrees, too large
     ├── PaginationInvalid    400 PAGINATION_NUMBER_INVALID  a tag list's `n` that is not a count
     ├── RequestInvalid       400 UNSUPPORTED        a request the mirror cannot take (an unknown grant type)
     ├── RangeInvalid         416 RANGE_INVALID      unsatisfiable Range
@@ -15,13 +16,17 @@ middleware in `mirror.handlers`). The tree:
     ├── ManifestUnknown      404 MANIFEST_UNKNOWN
     ├── BlobUnknown          404 BLOB_UNKNOWN
     ├── NotFound             404 NOT_FOUND          no such endpoint
-    ├── Unauthorized         401 UNAUTHORIZED       the client must authenticate, or the upstream refused the mirror
+    ├── Unauthorized         401 UNAUTHORIZED       the client must authenticate to the mirror (always with a challenge)
     ├── Denied               403 DENIED             not allowed, e.g. a registry that is not configured
+    │   └── UpstreamRefused  403 DENIED             the upstream refused the mirror (its 401 or 403): the
+    │                                               client cannot fix that by logging in to the mirror
     ├── Unsupported          405 UNSUPPORTED        push, delete and other writes
     ├── TooManyRequests      429 TOOMANYREQUESTS    the upstream rate-limits us (carries Retry-After)
-    ├── Unavailable          503 UNAVAILABLE        the upstream is unreachable, times out or fails
-    ├── CacheWriteError      503 UNAVAILABLE        the cache cannot take the bytes (disk full, I/O)
-    ├── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest
+    ├── Unavailable          503 UNAVAILABLE        the upstream is unreachable, times out, fails, or its
+    │                                               circuit breaker is open (Retry-After where known)
+    ├── CacheWriteError      503 UNAVAILABLE        the cache cannot take the bytes (disk full, I/O, index)
+    ├── IntegrityError       502 UNAVAILABLE        the upstream sent bytes that fail their digest, or a
+    │                                               manifest that is not one
     └── Internal             500 UNKNOWN            a bug in the mirror (logged with its traceback)
 """
 
@@ -42,6 +47,10 @@ class MirrorError(Exception):
 
     def to_json(self) -> dict[str, object]:
         return {"errors": [{"code": self.code, "message": self.message, "detail": self.detail}]}
+
+    def headers(self) -> dict[str, str]:
+        """Response headers the error needs beside its JSON body."""
+        return {}
 
 
 class NameInvalid(MirrorError):
@@ -65,7 +74,9 @@ class DigestInvalid(MirrorError):
 
 
 class ManifestInvalid(MirrorError):
-    code, status = "MANIFEST_INVALID", 400
+    """The upstream's fault, not the client's: a bad gateway."""
+
+    code, status = "MANIFEST_INVALID", 502
 
 
 class RangeInvalid(MirrorError):
@@ -74,6 +85,9 @@ class RangeInvalid(MirrorError):
     def __init__(self, message: str, size: int) -> None:
         super().__init__(message)
         self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {"Content-Range": f"bytes */{self.size}"}
 
 
 class NameUnknown(MirrorError):
@@ -95,29 +109,44 @@ class NotFound(MirrorError):
 class Unauthorized(MirrorError):
     code, status = "UNAUTHORIZED", 401
 
-    def __init__(self, message: str, detail: object = None, challenge: str | None = None) -> None:
-        super().__init__(message, detail)
+    def __init__(self, message: str, challenge: str) -> None:
+        super().__init__(message)
         self.challenge = challenge
-        """A WWW-Authenticate value telling the client how to authenticate to this mirror."""
+        """A WWW-Authenticate value telling the client how to authenticate to this mirror: RFC 9110
+        requires one on every 401."""
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": self.challenge}
 
 
 class Denied(MirrorError):
     code, status = "DENIED", 403
 
 
+class UpstreamRefused(Denied):
+    """The upstream (or its token service, or a cloud's credential service) refused the
+    mirror's credentials or denied it the repository."""
+
+
 class Unsupported(MirrorError):
     code, status = "UNSUPPORTED", 405
 
 
-class TooManyRequests(MirrorError):
+class _Retryable(MirrorError):
+    def __init__(self, message: str, retry_after: str | None = None, detail: object = None) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+        """The Retry-After value for the client: seconds, or an HTTP date as the upstream sent it."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+
+class TooManyRequests(_Retryable):
     code, status = "TOOMANYREQUESTS", 429
 
-    def __init__(self, message: str, retry_after: str | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class Unavailable(MirrorError):
+class Unavailable(_Retryable):
     code, status = "UNAVAILABLE", 503
 
 
@@ -128,11 +157,14 @@ class CacheWriteError(MirrorError):
 
     code, status = "UNAVAILABLE", 503
 
-    def __init__(self, error: OSError) -> None:
+    @classmethod
+    def of(cls, error: OSError) -> CacheWriteError:
         if error.errno == errno.ENOSPC:
-            super().__init__("the cache disk is full")
-        else:
-            super().__init__(f"cannot write to the cache: {error.strerror}")
+            return cls("the cache disk is full", "the cache disk is full: nothing new can be cached until space "
+                       "is freed; cached content is still served")
+        return cls(f"cannot write to the cache: {error.strerror}",
+                   f"the cache refused a write ({errno.errorcode.get(error.errno or 0, 'error')}); cached content "
+                   "is still served")
 
 
 class IntegrityError(MirrorError):

@@ -69,12 +69,17 @@ class Coalescer(Generic[K, V]):
         return key in self._inflight
 
     async def run(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> V:
+        return await asyncio.shield(self.start(key, call))
+
+    def start(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> asyncio.Task[V]:
+        """The call under way for `key`, started if there is none; awaiting it is up to the
+        caller (through `asyncio.shield`, so that a caller's cancellation cannot stop it)."""
         task = self._inflight.get(key)
         if task is None:
             task = self._background.spawn(call(), name=f"fetch {key}")
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(task)
+        return task
 
 
 class Fill:

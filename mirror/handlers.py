@@ -27,8 +27,6 @@ from mirror.errors import (
     NotFound,
     PaginationInvalid,
     RangeInvalid,
-    TooManyRequests,
-    Unauthorized,
     Unsupported,
 )
 from mirror.gate import Gate
@@ -47,14 +45,7 @@ PROXY = web.AppKey("proxy", Proxy)
 
 
 def error_response(error: MirrorError) -> web.Response:
-    headers = dict(API_VERSION)
-    if isinstance(error, TooManyRequests) and error.retry_after:
-        headers["Retry-After"] = error.retry_after
-    if isinstance(error, RangeInvalid):
-        headers["Content-Range"] = f"bytes */{error.size}"
-    if isinstance(error, Unauthorized) and error.challenge:
-        headers["WWW-Authenticate"] = error.challenge
-    return web.json_response(error.to_json(), status=error.status, headers=headers)
+    return web.json_response(error.to_json(), status=error.status, headers={**API_VERSION, **error.headers()})
 
 
 @web.middleware

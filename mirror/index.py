@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from cachetools import LRUCache
 
+from mirror.errors import CacheWriteError
 from mirror.oci import Digest
 
 T = TypeVar("T")
@@ -148,7 +149,12 @@ class Index:
         await self._run(lambda: self.db.execute("SELECT 1 FROM blobs LIMIT 1").fetchall())
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """`fn` on the database thread. A database that fails (a full disk, an I/O error) is the
+        cache failing: callers decide whether the request can be answered without it."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except sqlite3.Error as exc:
+            raise CacheWriteError(f"the cache index failed: {exc}", _index_detail(exc)) from exc
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -172,11 +178,18 @@ class Index:
         return record
 
     async def set_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
+        """Record a tag; if the database cannot take it, it is still remembered for as long as
+        this process runs, so a full disk does not make every request revalidate again."""
+        key = (upstream, name, tag)
         self._tag_writes += 1
-        self._tags.pop((upstream, name, tag), None)
-        await self._run(lambda: self.db.execute(
-            "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
-            (upstream, name, tag, str(record.digest), record.checked_at)))
+        self._tags.pop(key, None)
+        try:
+            await self._run(lambda: self.db.execute(
+                "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
+                (upstream, name, tag, str(record.digest), record.checked_at)))
+        except CacheWriteError:
+            self._tags[key] = record
+            raise
 
     async def drop_tag(self, upstream: str, name: str, tag: str) -> None:
         self._tag_writes += 1
@@ -338,6 +351,12 @@ class Index:
         key = (upstream, name, str(digest))
         await self._run(lambda: self.db.execute("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", key))
         self._links[key] = True
+
+
+def _index_detail(error: sqlite3.Error) -> str:
+    if "full" in str(error):
+        return "the cache disk is full: nothing new can be cached until space is freed; cached content is still served"
+    return f"the cache index failed ({type(error).__name__}); cached content is still served where it can be"
 
 
 def cached_images(path: Path) -> list[CachedImage]:

@@ -20,7 +20,7 @@ from prometheus_client import (
 from mirror import __version__
 
 KINDS = ("manifest", "blob")
-RESULTS = ("hit", "miss", "joined", "revalidated", "stale")
+RESULTS = ("hit", "miss", "joined", "revalidated", "revalidating", "stale")
 
 # Registry calls: from a cached manifest in milliseconds to a large layer in minutes.
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -61,6 +61,9 @@ class Metrics:
         self.ratelimit_remaining = Gauge("mirror_upstream_ratelimit_remaining", "Pulls left in the upstream's "
                                          "window, from its ratelimit-remaining header.", ["upstream"],
                                          registry=registry)
+        self.upstream_state = Gauge("mirror_upstream_circuit_state", "Each upstream's circuit breaker: 0 closed "
+                                    "(asked as usual), 1 half-open (one probe under way), 2 open (not asked: "
+                                    "cached content is served stale).", ["upstream"], registry=registry)
         self.ratelimit_limit = Gauge("mirror_upstream_ratelimit_limit", "The upstream's pull limit per window, "
                                      "from its ratelimit-limit header.", ["upstream"], registry=registry)
 

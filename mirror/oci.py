@@ -94,24 +94,29 @@ def accepts(accept_header: str | None, media_type: str) -> bool:
 
 
 def manifest_media_type(body: bytes, declared: str | None) -> str:
-    """The media type to serve a manifest with: the upstream's Content-Type when it names a
-    manifest type, else the `mediaType` field of the JSON (OCI makes it optional)."""
-    if declared:
-        declared = declared.split(";", 1)[0].strip()
-        if declared in MANIFEST_MEDIA_TYPES:
-            return declared
+    """The media type to serve an upstream manifest with, once its body is known to be one: a
+    JSON object of schemaVersion 2 whose `mediaType` (optional in OCI) agrees with the
+    upstream's Content-Type. Anything else raises ManifestInvalid, and is neither cached nor served."""
     try:
         document = json.loads(body)
     except ValueError as exc:
         raise ManifestInvalid("upstream manifest is not JSON") from exc
-    if isinstance(document, dict):
-        field = document.get("mediaType")
-        if isinstance(field, str) and field in MANIFEST_MEDIA_TYPES:
-            return field
-        if "manifests" in document:
-            return OCI_INDEX
-        if "layers" in document:
-            return OCI_MANIFEST
+    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
+        raise ManifestInvalid("upstream manifest is not a JSON object with schemaVersion 2")
+    field = document.get("mediaType")
+    if field is not None and field not in MANIFEST_MEDIA_TYPES:
+        raise ManifestInvalid(f"upstream manifest has an unrecognised mediaType {str(field)[:100]!r}")
+    declared = declared.split(";", 1)[0].strip() if declared else None
+    if declared in MANIFEST_MEDIA_TYPES:
+        if field is not None and field != declared:
+            raise ManifestInvalid(f"upstream sent a manifest of type {field} as {declared}")
+        return declared
+    if field is not None:
+        return str(field)
+    if "manifests" in document:
+        return OCI_INDEX
+    if "layers" in document:
+        return OCI_MANIFEST
     raise ManifestInvalid(f"unrecognised manifest media type {declared!r}")
 
 

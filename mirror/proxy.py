@@ -3,8 +3,16 @@ and what is served stale because the upstream failed.
 
 - A digest is immutable: once cached it is served without asking the upstream.
 - A tag younger than its upstream's TTL is served from the cache; an older one is revalidated
-  with a HEAD and fetched again only if its digest moved. If the upstream is down, slow,
-  errors or rate-limits, the cached tag is served stale.
+  with a HEAD and fetched again only if its digest moved. By default the cached copy is served
+  at once while one revalidation runs in the background (stale-while-revalidate); an upstream
+  may ask for strict freshness, and then the request waits for it (up to a timeout).
+- If the upstream is down, slow, errors, rate-limits, or refuses the mirror's credentials, the
+  cached tag is served stale, and the failed check counts as a check: the tag is not tried
+  again until its TTL has passed once more. An upstream that says the tag or repository is gone
+  (404) has deleted it: the tag is dropped.
+- An upstream 404 for a manifest is remembered for the upstream's `negative_ttl`.
+- The index is written on the way, but a write that fails (a full disk) never fails a request
+  the cache can answer.
 - Cached content is served for a repository only if that repository is known to reference it,
   or the upstream confirms it with a HEAD in that repository's scope (design invariant 5).
 - A miss on a blob starts (or joins) one `Fill` per digest; a miss on a manifest is one
@@ -16,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
+
+from cachetools import LRUCache, TTLCache
 
 from mirror.errors import (
     BlobUnknown,
@@ -28,10 +38,11 @@ from mirror.errors import (
     IntegrityError,
     ManifestInvalid,
     ManifestUnknown,
+    MirrorError,
     NameUnknown,
     TooManyRequests,
-    Unauthorized,
     Unavailable,
+    UpstreamRefused,
 )
 from mirror.eviction import Evictor
 from mirror.flight import Background, Coalescer, Fill, Fills
@@ -44,6 +55,11 @@ from mirror.upstream import Upstream
 log = logging.getLogger(__name__)
 
 ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
+# Failures that leave a cached tag servable: the upstream is out of reach, slow, rate-limiting,
+# sending bad content, refusing the mirror, or the cache cannot take what it sent.
+_STALE_IF = (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, CacheWriteError, UpstreamRefused)
+# Absent manifests and failed tag checks remembered at most, per upstream / in all.
+_REMEMBERED = 65536
 
 
 class CacheResult(Enum):
@@ -52,7 +68,10 @@ class CacheResult(Enum):
     JOINED = "JOINED"
     """A miss that joined a download already in flight."""
     REVALIDATED = "REVALIDATED"
+    REVALIDATING = "REVALIDATING"
+    """Served from the cache past its TTL while a revalidation runs in the background."""
     STALE = "STALE"
+    """Served from the cache past its TTL because the upstream could not confirm it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +113,12 @@ class Proxy:
         self._clock = clock or time.time
         self.fills = Fills(store, background)
         self._fetches: Coalescer[tuple[str, ...], ManifestResult] = Coalescer(background)
+        # (upstream, name, tag) -> when its last check failed, and why.
+        self._failed_checks: LRUCache[tuple[str, str, str], tuple[float, MirrorError]] = LRUCache(_REMEMBERED)
+        # Per upstream: (name, reference) -> the 404 it answered.
+        self._absent: dict[str, TTLCache[tuple[str, str], MirrorError]] = {
+            name: TTLCache(_REMEMBERED, u.config.negative_ttl, timer=self._clock)
+            for name, u in upstreams.items() if u.config.negative_ttl > 0}
 
     # Manifests
 
@@ -123,36 +148,67 @@ class Proxy:
         if record is None or cached is None or not accepts(accept, cached.media_type):
             return await self._fetch_manifest(upstream, route.name, reference, upstream_accept,
                                               tag_it=complete_accept)
-        if self._clock() - record.checked_at < route.upstream.tag_ttl:
+        ttl = route.upstream.tag_ttl
+        if self._clock() - record.checked_at < ttl:
             return cached
+        key = (upstream.name, route.name, reference.tag)
+        if (failed := self._failed_checks.get(key)) is not None and self._clock() - failed[0] < ttl:
+            return self._stale(upstream, cached, failed[1])
+        revalidation = self._fetches.start(("revalidate", *key),
+                                           lambda: self._revalidate(upstream, route.name, reference, cached))
+        if route.upstream.stale_while_revalidate and not revalidation.done():
+            return replace(cached, cache=CacheResult.REVALIDATING)
         try:
-            # A slow upstream is treated like a failing one; the revalidation itself goes on in
-            # the background and updates the tag when it ends.
+            # Strict freshness still treats a slow upstream like a failing one; the revalidation
+            # goes on in the background and updates the tag when it ends.
             async with asyncio.timeout(self._revalidate_timeout):
-                result = await self._fetches.run(
-                    ("revalidate", upstream.name, route.name, reference.tag),
-                    lambda: self._revalidate(upstream, route.name, reference, cached))
-        except (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, CacheWriteError, TimeoutError) as exc:
-            log.warning("serving %s/%s:%s stale: %s", upstream.name, route.name, reference.tag,
-                        getattr(exc, "message", "revalidation timed out"))
+                result = await asyncio.shield(revalidation)
+        except TimeoutError:
+            log.warning("serving %s/%s:%s stale: revalidation is taking over %g s", *key, self._revalidate_timeout)
             return replace(cached, cache=CacheResult.STALE)
+        except _STALE_IF as exc:
+            return self._stale(upstream, cached, exc)
         if not accepts(accept, result.media_type):
             # The tag moved to a kind of manifest this client does not take.
             return await self._fetch_manifest(upstream, route.name, reference, upstream_accept, tag_it=False)
         return result
 
+    def _stale(self, upstream: Upstream, cached: ManifestResult, error: MirrorError) -> ManifestResult:
+        """The cached copy of a tag the upstream could not confirm, unless the upstream's policy
+        is that a refusal stops it being served."""
+        if isinstance(error, UpstreamRefused) and upstream.config.on_refusal == "deny":
+            raise error
+        return replace(cached, cache=CacheResult.STALE)
+
     async def _revalidate(self, upstream: Upstream, name: str, reference: Reference,
                           cached: ManifestResult) -> ManifestResult:
         assert reference.tag is not None
+        key = (upstream.name, name, reference.tag)
         try:
             head = await upstream.head("manifest", name, reference.tag, ACCEPT_ALL)
-        except ManifestUnknown:
-            await self._index.drop_tag(upstream.name, name, reference.tag)
+            if head.digest == cached.digest:
+                await self._best_effort(self._index.set_tag(upstream.name, name, reference.tag,
+                                                            TagRecord(cached.digest, self._clock())))
+                result = replace(cached, cache=CacheResult.REVALIDATED)
+            else:
+                result = await self._fetch_manifest(upstream, name, reference, ACCEPT_ALL, tag_it=True)
+        except (ManifestUnknown, NameUnknown) as exc:
+            # The upstream deleted the tag (or the whole repository): so does the cache.
+            log.warning("%s/%s:%s is gone upstream: dropping it from the cache", *key)
+            self._failed_checks.pop(key, None)
+            self._remember_absent(upstream, name, reference, exc)
+            await self._best_effort(self._index.drop_tag(*key))
             raise
-        if head.digest == cached.digest:
-            await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(cached.digest, self._clock()))
-            return replace(cached, cache=CacheResult.REVALIDATED)
-        return await self._fetch_manifest(upstream, name, reference, ACCEPT_ALL, tag_it=True)
+        except _STALE_IF as exc:
+            # Counts as a check: the tag is served stale until the next one is due.
+            self._failed_checks[key] = (self._clock(), exc)
+            logged = log.error if isinstance(exc, UpstreamRefused) else log.warning
+            logged("%s/%s:%s could not be revalidated, serving the cached copy stale (policy: %s): %s", *key,
+                   "deny" if isinstance(exc, UpstreamRefused) and upstream.config.on_refusal == "deny" else "stale",
+                   exc.message)
+            raise
+        self._failed_checks.pop(key, None)
+        return result
 
     async def _cached_manifest(self, digest: Digest) -> ManifestResult | None:
         media_type = await self._index.manifest_type(digest)
@@ -166,6 +222,9 @@ class Proxy:
 
     async def _fetch_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
                               tag_it: bool) -> ManifestResult:
+        absent = self._absent.get(upstream.name)
+        if absent is not None and (gone := absent.get((name, str(reference)))) is not None:
+            raise type(gone)(gone.message, {"remembered_for_seconds": upstream.config.negative_ttl})
         key = ("manifest", upstream.name, name, str(reference), accept)
         joined = self._fetches.running(key)
         result = await self._fetches.run(key, lambda: self._download_manifest(upstream, name, reference, accept,
@@ -174,7 +233,11 @@ class Proxy:
 
     async def _download_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
                                  tag_it: bool) -> ManifestResult:
-        fetched = await upstream.get_manifest(name, str(reference), accept)
+        try:
+            fetched = await upstream.get_manifest(name, str(reference), accept)
+        except (ManifestUnknown, NameUnknown) as exc:
+            self._remember_absent(upstream, name, reference, exc)
+            raise
         digest = Digest.of(fetched.body)
         for claimed in (reference.digest, fetched.digest):
             if claimed is not None and claimed != digest:
@@ -189,6 +252,19 @@ class Proxy:
         if tag_it and reference.tag is not None:
             await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
         return ManifestResult(fetched.body, media_type, digest, CacheResult.MISS)
+
+    def _remember_absent(self, upstream: Upstream, name: str, reference: Reference, error: MirrorError) -> None:
+        if (absent := self._absent.get(upstream.name)) is not None:
+            absent[(name, str(reference))] = error
+
+    @staticmethod
+    async def _best_effort(write: Awaitable[None]) -> None:
+        """An index write a request does not depend on: if the cache cannot take it (a full
+        disk), the request is answered all the same."""
+        try:
+            await write
+        except CacheWriteError as exc:
+            log.warning("could not record in the index: %s", exc.message)
 
     # Blobs
 
@@ -208,13 +284,13 @@ class Proxy:
                 try:
                     await fill.started()
                     return StreamingBlob(fill, CacheResult.JOINED)
-                except (BlobUnknown, NameUnknown, Denied, Unauthorized):
+                except (BlobUnknown, NameUnknown, Denied):
                     # The repository that started it was refused; this one was confirmed.
                     pass
         fill = self.fills.active(digest) or self.fills.start(
             digest, lambda f: self._download_blob(upstream, route.name, f))
         await fill.started()
-        await self._index.link(upstream.name, route.name, digest)
+        await self._best_effort(self._index.link(upstream.name, route.name, digest))
         return StreamingBlob(fill, CacheResult.MISS)
 
     async def blob_head(self, route: Route) -> BlobHead:
@@ -243,7 +319,7 @@ class Proxy:
         if await self._index.is_linked(upstream.name, name, digest):
             return
         await upstream.head(kind, name, str(digest), ACCEPT_ALL if kind == "manifest" else None)
-        await self._index.link(upstream.name, name, digest)
+        await self._best_effort(self._index.link(upstream.name, name, digest))
 
     # Tags
 

@@ -120,7 +120,7 @@ class BlobStore:
             self.path(digest).parent.mkdir(exist_ok=True)
             return BlobWriter(digest, expected_size, temp, self.path(digest))
         except OSError as exc:
-            raise CacheWriteError(exc) from exc
+            raise CacheWriteError.of(exc) from exc
 
 
 class BlobWriter:
@@ -154,7 +154,7 @@ class BlobWriter:
         """Blocking file work in a worker thread. A thread cannot be cancelled, so the work is
         shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
         if self._broken is not None:
-            raise CacheWriteError(self._broken)
+            raise CacheWriteError.of(self._broken)
         self._pending = asyncio.ensure_future(asyncio.to_thread(work, *args))
         try:
             await asyncio.shield(self._pending)
@@ -162,7 +162,7 @@ class BlobWriter:
             # A failed write may have landed in part, and the hash has seen all of it: this
             # writer can never produce a whole blob again.
             self._broken = exc
-            raise CacheWriteError(exc) from exc
+            raise CacheWriteError.of(exc) from exc
 
     def _absorb(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)

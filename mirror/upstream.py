@@ -10,6 +10,10 @@ the upstream or its token service refuses them, the source may renew them once a
 is tried again. Credentials go only to the upstream and to a token realm its `TokenRealms`
 allow; blob redirects to a CDN carry no Authorization (aiohttp strips it on cross-origin
 redirects).
+
+Every request asks the upstream's circuit breaker first and tells it how it went, and a
+repository the upstream refused is not asked again until its backoff ends (`mirror.breaker`):
+while either holds, the request fails at once without traffic.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -28,19 +32,19 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
+from mirror.breaker import Breaker, Refusals, State
 from mirror.config import UpstreamConfig
 from mirror.credentials import Credential, TokenRealms, credential_source
 from mirror.errors import (
     BlobUnknown,
-    Denied,
     IntegrityError,
     ManifestInvalid,
     ManifestUnknown,
     MirrorError,
     NameUnknown,
     TooManyRequests,
-    Unauthorized,
     Unavailable,
+    UpstreamRefused,
 )
 from mirror.metrics import Metrics
 from mirror.oci import MANIFEST_MAX_BYTES, Digest
@@ -110,9 +114,11 @@ class Upstream:
     """One upstream registry, over an aiohttp session the app owns."""
 
     def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession,
-                 blob_session: aiohttp.ClientSession, metrics: Metrics) -> None:
+                 blob_session: aiohttp.ClientSession, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """`blob_session` carries blob downloads, which hold a connection for as long as they
-        take; `session` everything else, so a manifest never queues behind layers."""
+        take; `session` everything else, so a manifest never queues behind layers. `clock`
+        times the breaker's and the refusals' backoffs."""
         self.config = config
         self.name = config.name
         self._session = session
@@ -128,6 +134,10 @@ class Upstream:
         self._realms = TokenRealms(config.url, config.token_realms) if self._credentials is not None else None
         if self._credentials is not None:
             log.info("upstream %s: credentials from %s", config.name, self._credentials.describe())
+        state = metrics.upstream_state.labels(config.name)
+        state.set(State.CLOSED.value)
+        self.breaker = Breaker(config.name, config.breaker, clock, on_change=lambda s: state.set(s.value))
+        self._refusals = Refusals(config.breaker, clock)
 
     async def _credential(self) -> Credential | None:
         return None if self._credentials is None else await self._credentials.get()
@@ -147,7 +157,22 @@ class Upstream:
     @asynccontextmanager
     async def request(self, method: str, path: str, *, scope: str, kind: str,
                       headers: Mapping[str, str] | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response with a 2xx status; every other outcome is raised as a domain error."""
+        """A response with a 2xx status; every other outcome is raised as a domain error. A
+        refusal is remembered for the repository's scope, and not asked again until it backs off."""
+        self._refusals.check(scope)
+        try:
+            response = await self._answered(method, path, scope, kind, headers)
+        except UpstreamRefused as exc:
+            self._refusals.refused(scope, exc)
+            raise
+        self._refusals.allowed(scope)
+        try:
+            yield response
+        finally:
+            response.release()
+
+    async def _answered(self, method: str, path: str, scope: str, kind: str,
+                        headers: Mapping[str, str] | None) -> aiohttp.ClientResponse:
         url = f"{self.config.url}{path}"
         session = self._blob_session if kind == "blob" and method == "GET" else self._session
         renewed = False
@@ -155,14 +180,9 @@ class Upstream:
         # anonymous then with a token).
         for attempt in (1, 2, 3):
             credential = await self._auth_header(scope)
-            sent = {**(headers or {}), **credential}
-            started = time.monotonic()
-            try:
-                response = await session.request(method, url, headers=sent)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                self._observe(method, None, started)
-                raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
-            self._observe(method, response, started)
+            response = await self._send(session, method, url, {**(headers or {}), **credential})
+            if response.status < 300:
+                return response
             try:
                 # Only the upstream's own challenges are answered: a 401 from a host it
                 # redirected to (a CDN) never gets the mirror's credentials.
@@ -172,12 +192,29 @@ class Upstream:
                     if answer is not None:
                         renewed = renewed or answer == "renewed"
                         continue
-                if response.status >= 300:
-                    raise await self._error(response, kind)
-                yield response
-                return
+                raise await self._error(response, kind)
             finally:
                 response.release()
+        raise AssertionError("unreachable: the third attempt always answers or raises")
+
+    async def _send(self, session: aiohttp.ClientSession, method: str, url: URL | str,
+                    headers: Mapping[str, str] | None, params: Mapping[str, str] | None = None
+                    ) -> aiohttp.ClientResponse:
+        """One request, past the breaker, which learns how it went."""
+        probe = self.breaker.admit()
+        started = time.monotonic()
+        try:
+            response = await session.request(method, url, headers=headers, params=params)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._observe(method, None, started)
+            self.breaker.failed(f"no answer: {type(exc).__name__}")
+            raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
+        finally:
+            if probe:
+                self.breaker.probe_ended()
+        self._observe(method, response, started)
+        self.breaker.answered(response.status, response.headers)
+        return response
 
     def _observe(self, method: str, response: aiohttp.ClientResponse | None, started: float) -> None:
         status = "error" if response is None else str(response.status)
@@ -227,12 +264,12 @@ class Upstream:
                 params["service"] = challenge.params["service"]
             realm = URL(challenge.params["realm"])
             if self._realms is not None and not self._realms.allows(realm):
-                raise Unauthorized(f"upstream {self.name} sent the mirror to an untrusted token service "
+                raise UpstreamRefused(f"upstream {self.name} sent the mirror to an untrusted token service "
                                    f"{realm.scheme}://{realm.host}")
             credential = await self._credential()
             try:
                 body = await self._ask_token_service(realm, params, credential)
-            except Unauthorized:
+            except UpstreamRefused:
                 # The token service refused the credentials: renewed ones may do, once.
                 if credential is None or not self._refused(credential):
                     raise
@@ -248,14 +285,11 @@ class Upstream:
                                  credential: Credential | None) -> dict[str, Any]:
         """The token service's JSON answer, asked with `credential` as Basic (or anonymously)."""
         sent = {"Authorization": aiohttp.encode_basic_auth(*credential)} if credential is not None else None
-        started = time.monotonic()
-        answered = False
+        response = await self._send(self._session, "GET", realm, sent, params)
         try:
-            async with self._session.get(realm, params=params, headers=sent) as response:
-                answered = True
-                self._observe("GET", response, started)
+            async with response:
                 if response.status in (401, 403):
-                    raise Unauthorized(f"upstream {self.name} refused the mirror's credentials")
+                    raise UpstreamRefused(f"upstream {self.name} refused the mirror's credentials")
                 if response.status == 429:
                     raise TooManyRequests(f"upstream {self.name} token service is rate-limiting",
                                           response.headers.get("Retry-After"))
@@ -266,17 +300,17 @@ class Upstream:
                     raise Unavailable(f"upstream {self.name} token service sent no token")
                 return body
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            if not answered:
-                self._observe("GET", None, started)
             raise Unavailable(f"upstream {self.name} token service failed: {type(exc).__name__}") from exc
 
     async def _error(self, response: aiohttp.ClientResponse, kind: str) -> MirrorError:
         status = response.status
         what = f"upstream {self.name} answered {status} for {response.url.path}"
         if status == 401:
-            return Unauthorized(f"upstream {self.name} requires credentials the mirror does not have")
+            return UpstreamRefused(f"upstream {self.name} refused the mirror's credentials for {response.url.path}",
+                                   {"upstream_status": 401})
         if status == 403:
-            return Denied(f"upstream {self.name} denied access")
+            return UpstreamRefused(f"upstream {self.name} denied the mirror access to {response.url.path}",
+                                   {"upstream_status": 403})
         if status == 404:
             codes = await _error_codes(response)
             cls = NameUnknown if "NAME_UNKNOWN" in codes else _UNKNOWN_BY_KIND[kind]
@@ -284,7 +318,7 @@ class Upstream:
         if status == 429:
             return TooManyRequests(f"upstream {self.name} is rate-limiting the mirror",
                                    response.headers.get("Retry-After"))
-        return Unavailable(what)
+        return Unavailable(what, response.headers.get("Retry-After"))
 
     async def get_manifest(self, name: str, reference: str, accept: str) -> Manifest:
         async with self.request("GET", f"/v2/{name}/manifests/{reference}", scope=scope_for(name),
@@ -354,6 +388,7 @@ class Upstream:
                 if len(body) > MANIFEST_MAX_BYTES:
                     raise too_big
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.breaker.failed(f"failed mid-{what}: {type(exc).__name__}")
             raise Unavailable(f"upstream {self.name} failed mid-{what}: {type(exc).__name__}") from exc
         return bytes(body)
 

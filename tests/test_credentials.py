@@ -16,9 +16,8 @@ import logging
 import os
 import stat
 import sys
-import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -47,20 +46,10 @@ from mirror.errors import ConfigError
 from tests.conftest import MirrorFactory
 from tests.support.clouds import AzureAd, EcrApi, GceMetadata, GoogleOAuth, serve, url
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.pulls import NAME, OTHER, Fetched, add_image, pull_blob, pull_manifest
+from tests.support.pulls import NAME, OTHER, Clock, Fetched, add_image, pull_blob, pull_manifest
 
 basic = aiohttp.encode_basic_auth
 AWS_KEY_ID, AWS_SECRET = "AKIDMIRRORTEST", "aws-secret-key-never-sent"
-
-
-@dataclass
-class Clock:
-    """The credentials' wall clock, moved by the test."""
-
-    now: float = field(default_factory=time.time)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -207,7 +196,7 @@ async def test_rejected_ecr_token_is_renewed_once(
     # Refused whatever the mirror sends: one renewal, then the client is told.
     fake.credentials = ("AWS", "not-anything-ecr-issues")
     refused = await pull_manifest(client, mirror, NAME, "c")
-    assert refused.status == 401 and refused.error_code() == "UNAUTHORIZED"
+    assert refused.status == 403 and refused.error_code() == "DENIED"
     assert len(api.issued) == 3
     assert_no_secret(logs, [renewed, refused], [AWS_SECRET], [("AWS", api.secret(n)) for n in (1, 2, 3)])
 
@@ -221,7 +210,7 @@ async def test_ecr_refusal_is_an_unauthorized_without_secrets(
     add_image(fake)
     mirror = await make_mirror({"docker.io": fake.url}, credentials=spec)
     refused = await pull_manifest(client, mirror, NAME, "latest")
-    assert refused.status == 401 and refused.error_code() == "UNAUTHORIZED"
+    assert refused.status == 403 and refused.error_code() == "DENIED"
     assert b"ECR GetAuthorizationToken in us-east-1 for registry 123456789012 failed: AccessDeniedException" \
         in refused.body
     assert_no_secret(logs, [refused], [AWS_SECRET])
@@ -335,7 +324,7 @@ async def test_token_realm_outside_the_allow_list_gets_no_credential(
     add_image(fake)
     mirror = await make_mirror({"gcr.io": fake.url}, credentials=GcrCredentials())
     refused = await pull_manifest(client, mirror, NAME, "latest")
-    assert refused.status == 401 and b"untrusted token service" in refused.body
+    assert refused.status == 403 and b"untrusted token service" in refused.body
     assert seen == [], "nothing may reach a realm that is not allowed"
     assert metadata_server.issued == [], "no token is even fetched for it"
 
@@ -515,7 +504,7 @@ async def test_docker_creds_store_for_docker_hub(
     helper.answer(missing=True)
     anonymous = await make_mirror({"docker.io": fake.url}, credentials=DockerConfigCredentials(config))
     refused = await pull_manifest(client, anonymous, "alpine", "latest")
-    assert refused.status == 401
+    assert refused.status == 403
     assert fake.token_requests[-1][0] is None
     assert_no_secret(logs, [pulled, refused], [*fake._tokens], [("hub-robot", "store-secret")])
 

@@ -31,6 +31,7 @@ from tests.support.fake_upstream import FakeUpstream, Forced
 from tests.support.pulls import (
     ACCEPT,
     CACHE,
+    Clock,
     NAME,
     OTHER,
     TIMEOUT,
@@ -179,11 +180,11 @@ async def test_basic_auth_upstream(fake: FakeUpstream, make_mirror: MirrorFactor
 
     anonymous = await make_mirror({"docker.io": fake.url})
     refused = await pull_manifest(client, anonymous, NAME, "latest")
-    assert refused.status == 401
-    assert refused.error_code() == "UNAUTHORIZED"
+    assert refused.status == 403
+    assert refused.error_code() == "DENIED"
     refused_blob = await pull_blob(client, anonymous, NAME, image.layers[0])
-    assert refused_blob.status == 401
-    assert refused_blob.error_code() == "UNAUTHORIZED"
+    assert refused_blob.status == 403
+    assert refused_blob.error_code() == "DENIED"
 
 
 # 3. CDN redirect
@@ -237,8 +238,8 @@ async def test_challenge_from_a_redirect_target_gets_no_credentials(
     # With a token already in hand, the blob GET goes straight to the redirect.
     assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
     refused = await pull_blob(client, mirror, NAME, image.layers[0])
-    assert refused.status == 401
-    assert refused.error_code() == "UNAUTHORIZED"
+    assert refused.status == 403
+    assert refused.error_code() == "DENIED"
     assert seen == [], "nothing may reach the host the CDN named"
 
 
@@ -251,7 +252,7 @@ async def test_credentials_go_only_to_a_trusted_token_realm(
     add_image(fake, layers=[b"layer"])
     mirror = await make_mirror({"docker.io": fake.url}, username="u", password="p")
     refused = await pull_manifest(client, mirror, NAME, "latest")
-    assert refused.status == 401
+    assert refused.status == 403
     assert b"untrusted token service" in refused.body
     assert seen == []
 
@@ -414,28 +415,24 @@ async def test_connection_dropped_before_the_first_byte_is_retried(
 
 async def test_upstream_errors_become_oci_errors(
         fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
-    add_image(fake, tag="limited")
-    add_image(fake, tag="broken", seed=1)
-    add_image(fake, tag="secret", seed=2)
-    mirror = await make_mirror({"docker.io": fake.url})
-    fake.forced[f"/v2/{NAME}/manifests/limited"] = Forced(429, {"Retry-After": "7"})
-    fake.forced[f"/v2/{NAME}/manifests/broken"] = Forced(500)
-    fake.forced[f"/v2/{NAME}/manifests/secret"] = Forced(403)
+    """Each failure on a mirror of its own, so that no breaker opened by one hides the next."""
+    clock = Clock()
+    cases = {"limited": (Forced(429, {"Retry-After": "7"}), 429, "TOOMANYREQUESTS"),
+             "broken": (Forced(500), 503, "UNAVAILABLE"),
+             "secret": (Forced(403), 403, "DENIED"),
+             "gone": (Forced(401, {"WWW-Authenticate": 'Basic realm="upstream"'}), 403, "DENIED")}
+    mirrors = {}
+    for seed, (tag, (forced, status, code)) in enumerate(cases.items()):
+        add_image(fake, tag=tag, seed=seed)
+        fake.forced[f"/v2/{NAME}/manifests/{tag}"] = forced
+        mirrors[tag] = mirror = await make_mirror({"docker.io": fake.url}, clock=clock)
+        failed = await pull_manifest(client, mirror, NAME, tag)
+        assert (failed.status, failed.error_code()) == (status, code)
+        # A 401 reaches a client only with the mirror's own challenge; the upstream's never.
+        assert "WWW-Authenticate" not in failed.headers
+    assert (await pull_manifest(client, mirrors["limited"], NAME, "limited")).headers["Retry-After"] == "7"
 
-    limited = await pull_manifest(client, mirror, NAME, "limited")
-    assert limited.status == 429
-    assert limited.error_code() == "TOOMANYREQUESTS"
-    assert limited.headers["Retry-After"] == "7"
-
-    broken = await pull_manifest(client, mirror, NAME, "broken")
-    assert broken.status == 503
-    assert broken.error_code() == "UNAVAILABLE"
-
-    secret = await pull_manifest(client, mirror, NAME, "secret")
-    assert secret.status == 403
-    assert secret.error_code() == "DENIED"
-
-    missing = await pull_blob(client, mirror, NAME, sha256(b"nobody has this"))
+    missing = await pull_blob(client, mirrors["broken"], NAME, sha256(b"nobody has this"))
     assert missing.status == 404
     assert missing.error_code() == "BLOB_UNKNOWN"
 
@@ -444,9 +441,11 @@ async def test_upstream_errors_become_oci_errors(
                      await pull_blob(client, unreachable, NAME, sha256(b"anything"))):
         assert response.status == 503
         assert response.error_code() == "UNAVAILABLE"
-    # None of the failures was cached: once the upstream recovers, the tags are served.
+    # None of the failures was cached: once the upstream recovers and the backoffs are over,
+    # the tags are served.
     fake.forced.clear()
-    for tag in ("limited", "broken", "secret"):
+    clock.advance(600)
+    for tag, mirror in mirrors.items():
         assert (await pull_manifest(client, mirror, NAME, tag)).status == 200
 
 
@@ -457,31 +456,39 @@ async def test_upstream_errors_become_oci_errors(
 async def test_cached_tag_is_served_stale_when_the_upstream_fails(
         fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, status: int) -> None:
     image = add_image(fake)
-    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0)
+    clock = Clock()
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=10, clock=clock, stale_while_revalidate=False)
     first = await pull_manifest(client, mirror, NAME, "latest")
     assert first.status == 200 and first.headers[CACHE] == "MISS"
 
     path = f"/v2/{NAME}/manifests/latest"
     fake.forced[path] = Forced(status, {"Retry-After": "30"} if status == 429 else {})
     heads_before = fake.requests[("HEAD", path)]
+    clock.advance(11)
     for _ in range(2):
         stale = await pull_manifest(client, mirror, NAME, "latest")
         assert stale.status == 200
         assert stale.body == image.manifest
         assert stale.headers["Docker-Content-Digest"] == image.digest
         assert stale.headers[CACHE] == "STALE"
-    # It did try: the tag is always revalidated with ttl 0.
-    assert fake.requests[("HEAD", path)] == heads_before + 2
+    # It did try, once: a failed check counts as a check until the TTL passes again.
+    assert fake.requests[("HEAD", path)] == heads_before + 1
     # HEAD of the tag is served stale as well.
     head = await fetch(client, manifest_url(mirror, NAME, "latest"), "HEAD", {"Accept": ACCEPT})
     assert head.status == 200 and head.headers[CACHE] == "STALE"
     assert head.headers["Docker-Content-Digest"] == image.digest
+    assert fake.requests[("HEAD", path)] == heads_before + 1
+    # Past the TTL and the backoff, with the upstream well again: revalidated.
+    fake.forced.clear()
+    clock.advance(31)
+    again = await pull_manifest(client, mirror, NAME, "latest")
+    assert again.status == 200 and again.headers[CACHE] == "REVALIDATED"
 
 
 async def test_tag_whose_digest_moved_is_fetched_again(
         fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
     old = add_image(fake)
-    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0)
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0, stale_while_revalidate=False)
     assert (await pull_manifest(client, mirror, NAME, "latest")).body == old.manifest
 
     unchanged = await pull_manifest(client, mirror, NAME, "latest")
@@ -802,7 +809,8 @@ async def test_slow_revalidation_serves_the_cached_tag_stale(
         fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
     """Slow is treated like down: past its bound, a revalidation gives way to the cached copy."""
     image = add_image(fake, layers=[b"layer"])
-    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0, timeouts=TimeoutConfig(revalidate=0.2))
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0, timeouts=TimeoutConfig(revalidate=0.2),
+                               stale_while_revalidate=False)
     assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
     gate = asyncio.Event()
     fake.forced[f"/v2/{NAME}/manifests/latest"] = Forced(500, gate=gate)
@@ -820,7 +828,7 @@ async def test_manifests_do_not_queue_behind_layer_downloads(
     for digest in digests:
         fake.gates[digest] = (1024, gate)
     image = add_image(fake, layers=[b"layer"])
-    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0)
+    mirror = await make_mirror({"docker.io": fake.url}, tag_ttl=0, stale_while_revalidate=False)
     assert (await pull_manifest(client, mirror, NAME, "latest")).status == 200
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as many:
         responses = await asyncio.gather(*(many.get(blob_url(mirror, NAME, d)) for d in digests))

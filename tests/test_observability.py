@@ -27,7 +27,7 @@ from mirror.access import ACCESS_LOG
 from mirror.config import EvictionConfig
 from tests.conftest import Captured, Mirror, MirrorFactory
 from tests.support.fake_upstream import FakeUpstream, Forced
-from tests.support.pulls import ACCEPT, CACHE, NAME, TIMEOUT, add_image, blob_url, manifest_url
+from tests.support.pulls import ACCEPT, CACHE, NAME, TIMEOUT, Clock, add_image, blob_url, manifest_url
 
 KiB = 1024
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -159,10 +159,13 @@ async def test_metrics_show_upstream_rate_limits(fake: FakeUpstream, make_mirror
     session = clients[0]
     image = add_image(fake)
     path = f"/v2/{NAME}/manifests/latest"
-    mirror = await make_mirror({"docker.io": fake.url})
+    clock = Clock()
+    mirror = await make_mirror({"docker.io": fake.url}, clock=clock)
     fake.forced[path] = Forced(429, headers={"Retry-After": "7", "ratelimit-limit": "100;w=21600",
                                              "ratelimit-remaining": "0;w=21600"}, times=1)
     assert (await get(session, manifest_url(mirror, NAME, "latest"), Accept=ACCEPT))[0] == 429
+    assert value(await scrape(session, mirror.url), "mirror_upstream_circuit_state", upstream="docker.io") == 2
+    clock.advance(7)
     fake.forced[path] = Forced(200, headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json",
                                              "Docker-Content-Digest": image.digest, "ratelimit-limit": "100;w=21600",
                                              "ratelimit-remaining": "76;w=21600"}, body=image.manifest, times=1)
@@ -174,6 +177,7 @@ async def test_metrics_show_upstream_rate_limits(fake: FakeUpstream, make_mirror
     assert value(samples, "mirror_upstream_ratelimit_remaining", upstream="docker.io") == 76
     assert value(samples, "mirror_upstream_ratelimit_limit", upstream="docker.io") == 100
     assert value(samples, "mirror_http_requests_total", route="manifest", method="GET", status="429") == 1
+    assert value(samples, "mirror_upstream_circuit_state", upstream="docker.io") == 0
 
 
 async def test_health_answers_while_the_upstream_is_down_and_readiness_checks_the_cache(
@@ -246,7 +250,7 @@ async def test_no_credential_or_token_in_any_log_line(
             statuses.append((await get(session, blob_url(mirror, NAME, digest), Authorization=client_auth))[0])
         await mirror.services.background.join()
         await settle(mirror, session)
-    assert statuses == [200, 200, 200, 401, 401, 401], "the credentialed pull worked, the wrong password did not"
+    assert statuses == [200, 200, 200, 403, 403, 403], "the credentialed pull worked, the wrong password did not"
 
     tokens = set(fake._tokens)
     assert tokens, "the upstream issued tokens"

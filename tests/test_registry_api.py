@@ -188,7 +188,8 @@ async def test_tag_ttl_revalidates_with_head_only(make_mirror: MirrorFactory, re
                                                   counting: Counting, client: aiohttp.ClientSession) -> None:
     image = registry.images["single"]
     now = [1000.0]
-    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=60, clock=lambda: now[0])
+    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=60, clock=lambda: now[0],
+                               stale_while_revalidate=False)
     url = f"{mirror.url}/v2/{image.name}/manifests/{image.tag}"
     await get(client, url, Accept=ACCEPT_ALL)
     counting.reset()
@@ -258,7 +259,7 @@ async def test_stale_tag_served_when_upstream_is_gone(make_mirror: MirrorFactory
     # Point the same cache at an upstream that is down.
     await mirror.server.close()
     down = await make_mirror({"docker.io": "http://127.0.0.1:9"}, tag_ttl=10, clock=lambda: now[0],
-                             cache_dir=mirror.services.config.cache_dir)
+                             cache_dir=mirror.services.config.cache_dir, stale_while_revalidate=False)
     now[0] += 3600
     status, headers, body = await get(client, f"{down.url}/v2/{image.name}/manifests/{image.tag}", Accept=ACCEPT_ALL)
     assert (status, body, headers["X-Mirror-Cache"]) == (200, image.manifest, "STALE")
@@ -339,7 +340,8 @@ async def test_moved_tag_is_checked_against_each_clients_accept(
     await asyncio.to_thread(push_image, registry.url, "library/moving", "1", layers=[random_layer(64, 8)],
                             media_type="docker")
     now = [0.0]
-    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=10, clock=lambda: now[0])
+    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=10, clock=lambda: now[0],
+                               stale_while_revalidate=False)
     url = f"{mirror.url}/v2/moving/manifests/1"
     status, headers, _ = await get(client, url, Accept=ACCEPT_ALL)
     assert (status, headers["Content-Type"]) == (200, DOCKER_MANIFEST)

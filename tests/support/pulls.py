@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -24,6 +25,19 @@ ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 CACHE = "X-Mirror-Cache"
 # Upper bound for any single wait; the whole file runs in a few seconds.
 TIMEOUT = 30.0
+
+
+@dataclass
+class Clock:
+    """A clock the test moves: for TTLs, backoffs and credential lifetimes."""
+
+    now: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @dataclass(frozen=True)
