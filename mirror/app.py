@@ -4,6 +4,7 @@ application (no module globals), so tests can run several mirrors in one process
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sqlite3
@@ -60,6 +61,8 @@ class Services:
     evictor: Evictor
     draining: bool = False
     """Set on SIGTERM: readiness fails so load balancers stop sending new pulls."""
+    index_problem: str | None = None
+    """Why the index is a temporary one in memory, if it is."""
 
 
 SERVICES = web.AppKey("services", Services)
@@ -88,8 +91,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         swept = store.open()
         if swept:
             log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
-        index = Index(config.cache_dir / INDEX_FILE, clock=clock)
-        await index.open()
+        index, index_problem = await _open_index(config.cache_dir / INDEX_FILE, clock)
         reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
         if reconciled.added or reconciled.removed:
             log.info("index reconciled with the cache: %d blobs added, %d removed",
@@ -114,7 +116,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
                      for u in config.upstreams}
         proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
                       clock=clock)
-        app[SERVICES] = Services(config, store, index, background, proxy, evictor)
+        app[SERVICES] = Services(config, store, index, background, proxy, evictor, index_problem=index_problem)
         app[PROXY] = proxy
         metrics.downloads_in_flight.set_function(lambda: len(proxy.fills))
         metrics.cache_size.set_function(lambda: evictor.usage)
@@ -155,11 +157,14 @@ async def _readiness(app: web.Application) -> dict[str, str]:
     try:
         await asyncio.to_thread(services.store.check_writable)
     except OSError as exc:
-        problems["cache"] = f"cannot write to the cache directory: {exc.strerror}"
+        problems["cache"] = (f"the cache disk is full: {exc.strerror}" if exc.errno == errno.ENOSPC
+                             else f"cannot write to the cache directory: {exc.strerror}")
     try:
         await services.index.ping()
     except Exception as exc:
         problems["index"] = f"the index does not answer: {type(exc).__name__}"
+    if services.index_problem is not None:
+        problems["index"] = services.index_problem
     return problems
 
 
@@ -216,6 +221,24 @@ def _reloadables(config: Config, app: web.Application, context: ssl.SSLContext |
     if gate is not None and gate.htpasswd is not None:
         reloadables.append(Reloadable("htpasswd file", (gate.htpasswd.path,), gate.htpasswd.load))
     return reloadables
+
+
+async def _open_index(path: Path, clock: Callable[[], float] | None) -> tuple[Index, str | None]:
+    """The cache's index, or, where its file cannot be opened (corrupt, or on a failing disk), a
+    temporary one in memory rebuilt from the blobs as after a crash, so that the mirror still
+    serves; the file is left as it is for the operator, and the second value says why."""
+    index = Index(path, clock=clock)
+    try:
+        await index.open()
+        return index, None
+    except CacheWriteError as exc:
+        await index.close()
+        problem = (f"the index file {path} cannot be opened ({exc.message}): running on a temporary index in memory "
+                   "until it is fixed or moved aside and the mirror restarted")
+        log.error("%s", problem)
+    memory = Index(Path(":memory:"), clock=clock)
+    await memory.open()
+    return memory, problem
 
 
 def _upstream_session(timeout: aiohttp.ClientTimeout,

@@ -18,6 +18,7 @@ remembered), and forgetting content (eviction, rare) clears it all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +33,7 @@ from mirror.errors import CacheWriteError
 from mirror.oci import Digest
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.db"
 """The index's file name in the cache directory."""
@@ -135,7 +137,11 @@ class Index:
         self._db = db
 
     async def close(self) -> None:
-        await self.flush_access()
+        try:
+            await self.flush_access()
+        except CacheWriteError as exc:
+            # Access times only order eviction: losing the last batch is no reason not to close.
+            log.warning("could not record access times: %s", exc.message)
 
         def close() -> None:
             if self._db is not None:

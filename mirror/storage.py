@@ -17,6 +17,7 @@ is fsynced so the name survives a power cut. Nothing here knows HTTP or the inde
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import os
@@ -31,6 +32,9 @@ from mirror.errors import CacheBusy, CacheWriteError, IntegrityError
 from mirror.oci import Digest
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+# Free space a write leaves for the index and for writes already under way: below it, a new
+# download is refused before its client is sent a header, and readiness fails.
+RESERVE = 1 << 20
 
 
 class BlobStore:
@@ -69,8 +73,20 @@ class BlobStore:
 
     def check_writable(self) -> None:
         """Raises OSError unless a download could start now (for the readiness probe)."""
+        self._check_space(0)
         with tempfile.NamedTemporaryFile(dir=self._tmp, prefix="ready-", suffix=".part"):
             pass
+
+    def free_space(self) -> int:
+        stat = os.statvfs(self._tmp)
+        return stat.f_bavail * stat.f_frsize
+
+    def _check_space(self, size: int) -> None:
+        """Raise ENOSPC unless `size` bytes fit with the reserve to spare: a full disk is found
+        out before a client is promised a blob, not half-way through sending it."""
+        free = self.free_space()
+        if free < size + RESERVE:
+            raise OSError(errno.ENOSPC, f"{free} bytes free, {size + RESERVE} needed")
 
     def scan(self) -> dict[str, tuple[int, float]]:
         """Every published blob, as {digest: (size, mtime)}; blocking, for start-up."""
@@ -117,6 +133,7 @@ class BlobStore:
     def writer(self, digest: Digest, expected_size: int | None) -> BlobWriter:
         temp = self._tmp / f"{digest.hex}.{secrets.token_hex(8)}.part"
         try:
+            self._check_space(expected_size or 0)
             self.path(digest).parent.mkdir(exist_ok=True)
             return BlobWriter(digest, expected_size, temp, self.path(digest))
         except OSError as exc:

@@ -52,6 +52,7 @@ from tests.support.images import (
     push_manifest,
 )
 from tests.support.passthrough import Passthrough, passthrough
+from tests.support.pulls import Clock
 from tests.support.served import Served
 from tests.support.skopeo import copy
 
@@ -536,12 +537,13 @@ class Tmpfs(Disk):
 
 class InjectedOs(Disk):
     """Stands in for `os` inside `mirror.storage`. Once `room` bytes are written, writes fail
-    with ENOSPC (the last one short, as on a real filesystem), `refusals` times (None: until
-    space is freed); everything else is the real `os`."""
+    with `error` (ENOSPC: the last one short, as on a real filesystem), `refusals` times (None:
+    until space is freed); everything else is the real `os`."""
 
-    def __init__(self, room: int | None = None, refusals: int | None = None) -> None:
+    def __init__(self, room: int | None = None, refusals: int | None = None, error: int = errno.ENOSPC) -> None:
         self.room = room
         self.refusals = refusals
+        self.error = error
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
@@ -554,7 +556,7 @@ class InjectedOs(Disk):
                 self.refusals -= 1
                 if self.refusals <= 0:
                     self.room = None  # the space came back (another process freed some)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(self.error, os.strerror(self.error))
         written = os.write(fd, memoryview(data)[:self.room])
         self.room -= written
         return written
@@ -732,3 +734,146 @@ async def test_a_disk_that_refuses_a_write_fails_the_fill_at_once_and_says_so(
             f"the failure of {layer} is not put down to the full disk: {reports}")
         assert upstream.count("GET", "blobs") == 1, (
             f"the upstream was asked again for a blob the mirror's own disk refused: {dict(upstream.requests)}")
+
+
+async def test_a_full_disk_serves_what_is_cached_and_refuses_the_rest_with_503(
+        registry: Registry, counting: Counting, make_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        tmp_path: Path) -> None:
+    """A cache on a real 20 MiB filesystem filled to the last byte: the index can take no
+    write, yet every request the cache can answer is answered (a tag past its TTL too), what it
+    cannot answer is a 503 that says why, readiness says why, and nothing is lost once space
+    comes back."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if (reason := mount_tmpfs(cache, "20m")) is not None:
+        pytest.skip(f"no small filesystem to fill: {reason}")
+    disk = Tmpfs(cache)
+    image = push_raw_image(registry.url, "full/small", "v1", [random.Random("small").randbytes(64 * 1024)])
+    layer = blob_digests(image)[1]
+    # The same layer in a repository the cache has not seen it in: serving it there writes a link.
+    sibling = push_raw_image(registry.url, "full/sibling", "v1", [image.blobs[layer]])
+    uncached = registry.images["docker"]
+    clock = Clock()
+    mirror_ = await make_mirror({UPSTREAM: counting.url}, cache_dir=cache, tag_ttl=60, clock=clock)
+    pulls = Puller(client, mirror_.url)
+    tag_path = f"/v2/{image.name}/manifests/{image.tag}"
+    cached_paths = [(f"/v2/{image.name}/manifests/{image.digest}", image.manifest),
+                    *((f"/v2/{image.name}/blobs/{d}", b) for d, b in image.blobs.items())]
+    try:
+        assert (await pulls.get(tag_path))[:2] == (200, image.manifest)
+        for path, expected in cached_paths:
+            assert (await pulls.get(path))[:2] == (200, expected), path
+        await mirror_.services.background.join()
+        before = blob_files(cache)
+
+        disk.leave_free(0)
+        assert os.statvfs(cache).f_bavail == 0
+        clock.advance(61)
+        # Revalidated, its check remembered in memory though the index could not take it.
+        results = []
+        for _ in range(3):
+            status, body, result = await pulls.get(tag_path)
+            assert (status, body) == (200, image.manifest)
+            results.append(result)
+            await mirror_.services.background.join()
+        assert results == ["REVALIDATING", "HIT", "HIT"]
+        for path, expected in cached_paths:
+            assert await pulls.get(path) == (200, expected, "HIT"), path
+        assert await pulls.get(f"/v2/{sibling.name}/blobs/{layer}") == (200, image.blobs[layer], "HIT")
+
+        for path in (f"/v2/{uncached.name}/manifests/{uncached.tag}",
+                     f"/v2/{uncached.name}/blobs/{blob_digests(uncached)[1]}"):
+            async with client.get(f"{mirror_.url}{path}", headers={"Accept": ACCEPT}) as response:
+                error = (await response.json())["errors"][0]
+                assert (response.status, error["code"]) == (503, "UNAVAILABLE"), path
+                assert "disk is full" in error["message"] and "disk is full" in error["detail"], error
+        async with client.get(f"{mirror_.url}/readyz") as response:
+            assert response.status == 503
+            assert "full" in (await response.json())["problems"]["cache"]
+        await mirror_.services.background.join()
+        assert blob_files(cache) == before
+        assert temp_files(cache) == []
+
+        disk.free_up()
+        async with client.get(f"{mirror_.url}/readyz") as response:
+            assert response.status == 200
+        for path in (f"/v2/{uncached.name}/manifests/{uncached.tag}",
+                     f"/v2/{uncached.name}/blobs/{blob_digests(uncached)[1]}"):
+            assert (await pulls.get(path))[:2] == (200, uncached.blobs.get(path.rsplit("/", 1)[1],
+                                                                           uncached.manifest)), path
+        await mirror_.services.background.join()
+        for path, expected in [(tag_path, image.manifest), *cached_paths]:
+            assert (await pulls.get(path))[:2] == (200, expected), path
+        assert before.keys() <= blob_files(cache).keys()
+    finally:
+        await mirror_.server.close()
+        unmount(cache)
+
+
+@pytest.mark.parametrize("failure", [errno.EIO, errno.EROFS])
+async def test_a_disk_that_fails_writes_keeps_serving_what_is_cached(
+        failure: int, registry: Registry, make_mirror: MirrorFactory, client: aiohttp.ClientSession, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """I/O errors and a filesystem gone read-only fail what must be written, with an OCI error
+    that names the fault, and nothing else: cached content is served, nothing partial lands."""
+    cached = push_raw_image(registry.url, "failing/cached", "v1", [random.Random("cached").randbytes(256 * 1024)])
+    fresh = push_raw_image(registry.url, "failing/fresh", "v1", [random.Random("fresh").randbytes(256 * 1024)])
+    disk = InjectedOs(error=failure)
+    monkeypatch.setattr(mirror.storage, "os", disk)
+    mirror_ = await make_mirror({UPSTREAM: registry.url}, cache_dir=tmp_path / "cache")
+    pulls = Puller(client, mirror_.url)
+    cached_paths = [(f"/v2/{cached.name}/manifests/{cached.tag}", cached.manifest),
+                    *((f"/v2/{cached.name}/blobs/{d}", b) for d, b in cached.blobs.items())]
+    for path, expected in cached_paths:
+        assert (await pulls.get(path))[:2] == (200, expected)
+    await mirror_.services.background.join()
+    before = blob_files(tmp_path / "cache")
+
+    disk.leave_free(0)
+    for path, expected in cached_paths:
+        assert await pulls.get(path) == (200, expected, "HIT"), path
+    fresh_manifest = f"{mirror_.url}/v2/{fresh.name}/manifests/{fresh.tag}"
+    async with client.get(fresh_manifest, headers={"Accept": ACCEPT}) as response:
+        error = (await response.json())["errors"][0]
+        assert (response.status, error["code"]) == (503, "UNAVAILABLE")
+        assert os.strerror(failure) in error["message"] and errno.errorcode[failure] in error["detail"], error
+    layer = blob_digests(fresh)[1]
+    assert await pulls.doomed(f"/v2/{fresh.name}/blobs/{layer}", fresh.blobs[layer]) in ("cut", "error status")
+    await mirror_.services.background.join()
+    assert blob_files(tmp_path / "cache") == before
+    assert temp_files(tmp_path / "cache") == []
+    assert any(os.strerror(failure) in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+
+    disk.free_up()
+    assert (await pulls.get(f"/v2/{fresh.name}/blobs/{layer}"))[:2] == (200, fresh.blobs[layer])
+
+
+async def test_an_index_that_cannot_be_opened_leaves_the_mirror_serving(
+        registry: Registry, make_mirror: MirrorFactory, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """A corrupt index file: the mirror starts on a temporary index rebuilt from the blobs,
+    serves the cached bytes, says why it is not ready, and leaves the file for the operator."""
+    image = push_raw_image(registry.url, "corrupt/index", "v1", [random.Random("corrupt").randbytes(64 * 1024)])
+    cache = tmp_path / "cache"
+    first = await make_mirror({UPSTREAM: registry.url}, cache_dir=cache)
+    pulls = Puller(client, first.url)
+    for path, expected in [(f"/v2/{image.name}/manifests/{image.tag}", image.manifest),
+                           *((f"/v2/{image.name}/blobs/{d}", b) for d, b in image.blobs.items())]:
+        assert (await pulls.get(path))[:2] == (200, expected)
+    await first.services.background.join()
+    await first.server.close()
+    for leftover in cache.glob("index.db*"):
+        leftover.unlink()
+    garbage = b"this is not a database" * 1000
+    (cache / "index.db").write_bytes(garbage)
+
+    async with passthrough(registry.url) as upstream:
+        second = await make_mirror({UPSTREAM: upstream.url}, cache_dir=cache)
+        pulls = Puller(client, second.url)
+        for digest, expected in image.blobs.items():
+            assert await pulls.get(f"/v2/{image.name}/blobs/{digest}") == (200, expected, "HIT")
+        assert upstream.count("GET", "blobs") == 0, "cached bytes came from the cache"
+        assert (await pulls.get(f"/v2/{image.name}/manifests/{image.tag}"))[:2] == (200, image.manifest)
+        async with client.get(f"{second.url}/readyz") as response:
+            assert response.status == 503
+            assert "cannot be opened" in (await response.json())["problems"]["index"]
+    assert (cache / "index.db").read_bytes() == garbage
