@@ -102,7 +102,7 @@ class Breaker:
     def answered(self, status: int, headers: Mapping[str, str]) -> None:
         """The upstream answered with `status`."""
         if status == 429 or (status == 503 and "Retry-After" in headers):
-            wait = _retry_after(headers.get("Retry-After"))
+            wait = _retry_after(headers.get("Retry-After") or headers.get("ratelimit-reset"))
             self._open(wait if wait is not None else self._backoff(), f"it answered {status}", status == 429)
         elif status in (500, 502, 503, 504):
             self.failed(f"it answered {status}")

@@ -31,10 +31,10 @@ from tests.support.fake_upstream import FakeUpstream, Forced
 from tests.support.pulls import (
     ACCEPT,
     CACHE,
-    Clock,
     NAME,
     OTHER,
     TIMEOUT,
+    Clock,
     add_image,
     blob_url,
     fetch,

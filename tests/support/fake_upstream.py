@@ -26,6 +26,8 @@ class Forced:
     """Sent as it is, in place of an OCI error JSON."""
     gate: asyncio.Event | None = None
     """Answer only once this is set: an upstream that is slow to respond."""
+    drop: bool = False
+    """Close the connection without answering."""
 
 
 @dataclass
@@ -45,6 +47,10 @@ class FakeUpstream:
     redirect_blobs: bool = False
     forced: dict[str, Forced] = field(default_factory=dict)
     """Path (e.g. /v2/x/manifests/latest) -> a response forced in place of the real one."""
+    held: dict[str, asyncio.Event] = field(default_factory=dict)
+    """Path -> answer requests for it (as usual) only once the event is set."""
+    failing: Forced | None = None
+    """Forced in place of every registry answer (an upstream that is down, in one way or another)."""
     corrupt: set[str] = field(default_factory=set)
     """Blob digests served with their last byte flipped."""
     corrupt_manifests: set[str] = field(default_factory=set)
@@ -134,10 +140,16 @@ class FakeUpstream:
         name, _, kind = name.rpartition("/")
         if not self._authorized(request.headers.get("Authorization")):
             return self._challenge(name)
-        if (forced := self.forced.get(path)) and forced.times > 0:
+        if (held := self.held.get(path)) is not None:
+            await held.wait()
+        if (forced := self.failing or self.forced.get(path)) and forced.times > 0:
             forced.times -= 1
             if forced.gate is not None:
                 await forced.gate.wait()
+            if forced.drop:
+                assert request.transport is not None
+                request.transport.close()
+                return web.Response()
             if forced.body is not None:
                 return web.Response(body=forced.body, status=forced.status, headers=forced.headers)
             return web.json_response({"errors": [{"code": "FORCED", "message": "forced"}]},
