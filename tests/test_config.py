@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from mirror.breaker import BreakerConfig
 from mirror.config import (
     DOCKER_HUB_URL,
     AccessRule,
@@ -35,6 +36,8 @@ def test_example_config_loads_with_every_documented_key() -> None:
     assert (hub.name, hub.url, hub.aliases, hub.tag_ttl, hub.library_prefix) == (
         "docker.io", DOCKER_HUB_URL, ("hub",), 300.0, True)
     assert (ghcr.name, ghcr.tag_ttl, ghcr.library_prefix) == ("ghcr.io", 600.0, False)
+    assert (hub.stale_while_revalidate, hub.negative_ttl, hub.on_refusal) == (True, 30.0, "stale")
+    assert hub.breaker == BreakerConfig(failures=2, backoff=1.0, max_backoff=300.0, refusal_backoff=30.0)
     assert (config.timeouts.connect, config.timeouts.read, config.timeouts.revalidate) == (10.0, 60.0, 5.0)
     assert config.eviction == EvictionConfig(max_size=50 * 1024**3, high_watermark=0.9, low_watermark=0.8)
     assert (config.log_format, config.metrics_listen, config.shutdown_grace) == ("text", ("0.0.0.0", 9090), 30.0)
@@ -140,6 +143,16 @@ default_upstream: a.example
     ("upstreams:\n  - {name: docker.io, url: 'http://x', credentials: {username: u, password_env: NOPE}}",
      "upstreams[0].credentials.password_env: environment variable NOPE is not set"),
     ("upstreams:\n  - {name: Docker.IO, url: 'http://x'}", "upstreams[0].name"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', on_refusal: ignore}",
+     "upstreams[0].on_refusal: expected one of stale, deny"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', negative_ttl: -1}", "upstreams[0].negative_ttl: must not be"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', stale_while_revalidate: maybe}",
+     "upstreams[0].stale_while_revalidate: expected bool"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', breaker: {failures: 0}}", "upstreams[0].breaker.failures: must be"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', breaker: {backoff: 0s}}", "upstreams[0].breaker.backoff: must be"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', breaker: {backoff: 5m, max_backoff: 1s}}",
+     "upstreams[0].breaker.max_backoff: must not be below"),
+    ("upstreams:\n  - {name: a.io, url: 'http://x', breaker: {trip: 3}}", "upstreams[0].breaker.trip: unknown key"),
     ("upstreams:\n  - {name: a.io, url: 'http://x'}\n  - {name: a.io, url: 'http://y'}", "upstreams[1]: 'a.io'"),
     ("default_upstream: ghcr.io", "default_upstream: 'ghcr.io' is not a configured upstream"),
     ("upstream_timeouts: {read: -1}", "upstream_timeouts.read: must not be negative"),
