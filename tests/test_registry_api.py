@@ -352,3 +352,32 @@ async def test_moved_tag_is_checked_against_each_clients_accept(
         assert response.status == 404 or response.headers["Content-Type"] == DOCKER_MANIFEST
     status, headers, _ = await get(client, url, Accept=ACCEPT_ALL)
     assert (status, headers["Content-Type"]) == (200, OCI_INDEX)
+
+
+async def test_a_tag_deleted_upstream_is_dropped_and_a_missing_one_asked_once(
+        make_mirror: MirrorFactory, registry: Registry, counting: Counting, client: aiohttp.ClientSession) -> None:
+    """The real registry deletes a manifest (and so its tags): past the TTL the mirror drops
+    the tag and says 404, keeps the content by digest, and remembers the 404 for negative_ttl."""
+    await asyncio.to_thread(push_image, registry.url, "library/doomed", "1", layers=[random_layer(64, 9)],
+                            media_type="oci")
+    now = [0.0]
+    mirror = await make_mirror({"docker.io": counting.url}, tag_ttl=10, clock=lambda: now[0],
+                               stale_while_revalidate=False)
+    url = f"{mirror.url}/v2/doomed/manifests/1"
+    status, headers, body = await get(client, url, Accept=ACCEPT_ALL)
+    assert status == 200
+    digest = headers["Docker-Content-Digest"]
+    async with client.delete(f"{registry.url}/v2/library/doomed/manifests/{digest}") as deleted:
+        assert deleted.status == 202
+
+    now[0] += 11
+    counting.reset()
+    for _ in range(5):
+        async with client.get(url, headers={"Accept": ACCEPT_ALL}) as response:
+            assert response.status == 404
+            assert await error_code(response) == "MANIFEST_UNKNOWN"
+        now[0] += 1
+    assert counting.count(kind="manifests") == 1, "the 404 is remembered: one upstream request for five"
+    assert await mirror.services.index.tag("docker.io", "library/doomed", "1") is None
+    status, headers, cached = await get(client, f"{mirror.url}/v2/doomed/manifests/{digest}", Accept=ACCEPT_ALL)
+    assert (status, cached, headers["X-Mirror-Cache"]) == (200, body, "HIT")
