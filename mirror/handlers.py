@@ -30,7 +30,7 @@ from mirror.errors import (
     Unsupported,
 )
 from mirror.gate import Gate
-from mirror.oci import Reference
+from mirror.oci import parse_tag
 from mirror.proxy import CachedBlob, CacheResult, Proxy
 from mirror.routing import Endpoint, Route, Router
 
@@ -211,7 +211,8 @@ class RegistryHandlers:
         if "n" in query and not (query["n"].isascii() and query["n"].isdigit() and int(query["n"]) <= MAX_PAGE):
             raise PaginationInvalid(f"n must be a count from 0 to {MAX_PAGE}", {"n": query["n"][:20]})
         if "last" in query:
-            Reference.parse(query["last"])
+            # A tag the client saw on the last page; anything else is refused before the upstream.
+            parse_tag(query["last"])
         body, link = await request.app[PROXY].tags(route, query)
         headers = {**API_VERSION}
         if link:

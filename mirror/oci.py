@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from mirror.errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
+from mirror.errors import DigestInvalid, ManifestInvalid, ManifestUnknown, NameInvalid, TagInvalid
 
 # The OCI distribution spec's grammar (also CNCF distribution's reference package).
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -64,6 +64,13 @@ def parse_name(value: str) -> str:
     return value
 
 
+def parse_tag(value: str) -> str:
+    """A tag, as the spec's grammar allows it (at most 128 characters; no `/`, `:` or leading `.`)."""
+    if not _TAG_RE.fullmatch(value):
+        raise TagInvalid(f"invalid tag {value[:100]!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Reference:
     """A manifest reference: exactly one of a tag or a digest."""
@@ -73,10 +80,14 @@ class Reference:
 
     @classmethod
     def parse(cls, value: str) -> Reference:
+        """A value with a colon must be a good digest (DIGEST_INVALID otherwise). Any other value
+        that is not a tag names a manifest that cannot exist: registries answer that with
+        MANIFEST_UNKNOWN, not a 400, and clients and conformance checks expect it."""
         if ":" in value:
             return cls(digest=Digest.parse(value))
         if not _TAG_RE.fullmatch(value):
-            raise TagInvalid(f"invalid tag {value[:100]!r}")
+            raise ManifestUnknown(f"no manifest can have the reference {value[:100]!r}: it is not a tag or a digest",
+                                  {"reference": value[:100]})
         return cls(tag=value)
 
     def __str__(self) -> str:

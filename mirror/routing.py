@@ -79,20 +79,25 @@ class Router:
         if len(path) > 2 * MAX_NAME_LENGTH:
             raise NotFound("request path is too long")
         if match := _UPLOAD_RE.fullmatch(path):
-            endpoint, reference = Endpoint.UPLOAD, None
+            endpoint = Endpoint.UPLOAD
         elif match := _TAGS_RE.fullmatch(path):
-            endpoint, reference = Endpoint.TAGS, None
+            endpoint = Endpoint.TAGS
         elif match := _CONTENT_RE.fullmatch(path):
-            if match["kind"] == "manifests":
-                endpoint, reference = Endpoint.MANIFEST, Reference.parse(match["reference"])
-            else:
-                endpoint, reference = Endpoint.BLOB, Reference(digest=Digest.parse(match["reference"]))
+            endpoint = Endpoint.MANIFEST if match["kind"] == "manifests" else Endpoint.BLOB
         else:
             raise NotFound(f"no registry API endpoint at /v2/{path[:200]}")
         upstream, name = self._upstream_for(match["name"], ns, upstream)
         if upstream.library_prefix and "/" not in name:
             name = f"library/{name}"
-        return Route(upstream, parse_name(name), endpoint, reference)
+        name = parse_name(name)
+        # The reference last: a reference that no manifest can have is a 404, which must not
+        # hide that the registry is not configured or the name is malformed.
+        reference = None
+        if endpoint is Endpoint.MANIFEST:
+            reference = Reference.parse(match["reference"])
+        elif endpoint is Endpoint.BLOB:
+            reference = Reference(digest=Digest.parse(match["reference"]))
+        return Route(upstream, name, endpoint, reference)
 
     def _upstream_for(self, name: str, ns: str | None,
                       named: UpstreamConfig | None) -> tuple[UpstreamConfig, str]:

@@ -19,7 +19,7 @@ from yarl import URL
 
 from mirror.config import Config, UpstreamConfig
 from mirror.errors import MirrorError
-from mirror.oci import MAX_NAME_LENGTH, Digest, Reference, parse_name
+from mirror.oci import MAX_NAME_LENGTH, Digest, Reference, parse_name, parse_tag
 from mirror.routing import Endpoint, Router
 from mirror.storage import BlobStore
 from tests.conftest import Counting, Mirror, MirrorFactory, Registry
@@ -34,7 +34,12 @@ LONG = "a" * (MAX_NAME_LENGTH + 1)
 @pytest.mark.parametrize(("path", "status"), [
     ("/v2/library/%00alpine/manifests/latest", 400),
     ("/v2/library/alpine%00/manifests/latest", 400),
-    ("/v2/library/alpine/manifests/latest%00", 400),
+    ("/v2/library/alpine/manifests/latest%00", 404),
+    ("/v2/library/alpine/manifests/%2e%2e", 404),
+    ("/v2/library/alpine/manifests/..", 404),
+    ("/v2/library/alpine/manifests/latest%2f..%2f..", 404),
+    ("/v2/library/alpine/manifests/sha256:..%2f..%2fetc%2fpasswd", 404),
+    ("/v2/library/alpine/manifests/sha256:totallywrong", 400),
     ("/v2/..%2f..%2fetc/passwd/manifests/latest", 400),
     ("/v2/library/%2e%2e/%2e%2e/manifests/latest", 400),
     ("/v2/library/%252e%252e/manifests/latest", 400),
@@ -42,8 +47,9 @@ LONG = "a" * (MAX_NAME_LENGTH + 1)
     ("/v2/library/alpine/blobs/sha256:" + "A" * 64, 400),
     ("/v2/library/alpine/blobs/sha256:" + "a" * 63, 400),
     ("/v2/library/alpine/blobs/sha256:" + "a" * 65, 400),
-    ("/v2/library/alpine/manifests/" + "t" * 129, 400),
-    ("/v2/library/alpine/manifests/-leading-dash", 400),
+    ("/v2/library/alpine/manifests/" + "t" * 129, 404),
+    ("/v2/library/alpine/manifests/" + "t" * 200, 404),
+    ("/v2/library/alpine/manifests/-leading-dash", 404),
     (f"/v2/library/{LONG}/manifests/latest", 400),
     (f"/v2/{'a/' * 300}b/manifests/latest", 404),
     ("/v2/library\\alpine/manifests/latest", 400),
@@ -221,11 +227,19 @@ def test_references_and_digests_parse_or_refuse(value: str, tmp_path_factory: py
     try:
         reference = Reference.parse(value)
     except MirrorError as error:
-        assert error.status == 400
+        # A bad digest is the client's error; any other non-tag names a manifest that cannot exist.
+        assert (error.code, error.status) == (("DIGEST_INVALID", 400) if ":" in value else ("MANIFEST_UNKNOWN", 404))
     else:
         assert (reference.tag is None) != (reference.digest is None)
         if reference.tag is not None:
             assert reference.tag == value and "/" not in value and len(value) <= 128
+    try:
+        tag = parse_tag(value)
+    except MirrorError as error:
+        assert (error.code, error.status) == ("TAG_INVALID", 400)
+    else:
+        assert tag == value and not {"/", ":", "\\", "\x00"} & set(value) and not value.startswith(".")
+        assert len(value) <= 128
     try:
         digest = Digest.parse(value)
     except MirrorError as error:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
+from urllib.parse import unquote
 
 import aiohttp
 import pytest
@@ -273,7 +275,13 @@ async def test_stale_tag_served_when_upstream_is_gone(make_mirror: MirrorFactory
 @pytest.mark.parametrize(("path", "status", "code"), [
     ("/v2/Bad_Name/manifests/latest", 400, "NAME_INVALID"),
     ("/v2/library/%2e%2e/manifests/latest", 400, "NAME_INVALID"),
-    ("/v2/library/alpine/manifests/bad!tag", 400, "TAG_INVALID"),
+    ("/v2/library/alpine/manifests/bad!tag", 404, "MANIFEST_UNKNOWN"),
+    ("/v2/library/alpine/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
+    # A malformed name or an unconfigured registry is refused as such, whatever the reference.
+    ("/v2/Bad_Name/manifests/.INVALID_MANIFEST_NAME", 400, "NAME_INVALID"),
+    ("/v2/ghcr.io/owner/repo/manifests/.INVALID_MANIFEST_NAME", 403, "DENIED"),
+    ("/v2/library/alpine/blobs/.INVALID_MANIFEST_NAME", 400, "DIGEST_INVALID"),
+    ("/v2/library/alpine/tags/list?last=bad!tag", 400, "TAG_INVALID"),
     ("/v2/library/alpine/blobs/sha256:nothex", 400, "DIGEST_INVALID"),
     ("/v2/library/alpine/blobs/md5:d41d8cd98f00b204e9800998ecf8427e", 400, "DIGEST_INVALID"),
     ("/v2/library/alpine/blobs/latest", 400, "DIGEST_INVALID"),
@@ -296,6 +304,36 @@ async def test_errors_are_oci_json(path: str, status: int, code: str, make_mirro
         assert response.status == status
         assert response.content_type == "application/json"
         assert await error_code(response) == code
+
+
+@pytest.mark.parametrize(("reference", "status", "code"), [
+    (".INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),  # the OCI conformance suite's missing manifest
+    ("t" * 129, 404, "MANIFEST_UNKNOWN"),  # one past the tag grammar's 128 characters
+    ("t" * 200, 404, "MANIFEST_UNKNOWN"),
+    ("-leading-dash", 404, "MANIFEST_UNKNOWN"),
+    ("bad!tag", 404, "MANIFEST_UNKNOWN"),
+    ("latest%00", 404, "MANIFEST_UNKNOWN"),
+    ("%2e%2e", 404, "MANIFEST_UNKNOWN"),
+    ("sha256:totallywrong", 400, "DIGEST_INVALID"),
+])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_reference_no_manifest_can_have_is_refused_without_the_upstream_or_the_cache(
+        method: str, reference: str, status: int, code: str, make_mirror: MirrorFactory, registry: Registry,
+        counting: Counting, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    image = registry.images["single"]
+    mirror = await make_mirror({"docker.io": counting.url}, cache_dir=tmp_path / "cache")
+    before = sorted(tmp_path.rglob("*"))
+    url = URL(f"{mirror.url}/v2/{image.name}/manifests/{reference}", encoded=True)
+    async with client.request(method, url, headers={"Accept": ACCEPT_ALL}) as response:
+        assert response.status == status
+        assert response.content_type == "application/json"
+        if method == "GET":
+            error = (await response.json())["errors"][0]
+            assert error["code"] == code
+            if code == "MANIFEST_UNKNOWN":
+                assert error["detail"] == {"reference": unquote(reference)[:100]}
+    assert counting.count() == 0, "a reference no manifest can have reached the upstream"
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
