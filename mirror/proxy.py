@@ -177,7 +177,8 @@ class Proxy:
         """The cached copy of a tag the upstream could not confirm, unless the upstream's policy
         is that a refusal stops it being served."""
         if isinstance(error, UpstreamRefused) and upstream.config.on_refusal == "deny":
-            raise error
+            # A new error each time: the remembered one is raised by every request until the next check.
+            raise UpstreamRefused(error.message, error.detail)
         return replace(cached, cache=CacheResult.STALE)
 
     async def _revalidate(self, upstream: Upstream, name: str, reference: Reference,
