@@ -195,19 +195,32 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_all, reloadables)
     watcher = loop.create_task(watch(reloadables), name="watch reloadable files")
+    sites: list[GuardedSite] = []
     try:
         for runner, (host, port), ssl_context in listeners:
             await runner.setup()
-            await GuardedSite(runner, host, port, config.connections, ssl_context).start()
+            sites.append(GuardedSite(runner, host, port, config.connections, ssl_context))
+            await sites[-1].start()
         on_ready()
         await stop.wait()
         app[SERVICES].draining = True
         log.info("shutting down: responses under way have %gs to finish", config.shutdown_grace)
     finally:
         watcher.cancel()
-        # The API first; the ops listener last, so probes see the drain until the end.
-        for runner, _, _ in listeners:
-            await runner.cleanup()
+
+        # The grace is one deadline for the whole process. aiohttp's shutdown_timeout is not: it
+        # waits that long for a handler, then as long again after cancelling only the request's
+        # body (RequestHandler.shutdown), and each runner waits in turn.
+        def abandon() -> None:
+            for site in sites:
+                site.abandon()
+        grace_over = loop.call_later(config.shutdown_grace, abandon)
+        try:
+            # The API first; the ops listener last, so probes see the drain until the end.
+            for runner, _, _ in listeners:
+                await runner.cleanup()
+        finally:
+            grace_over.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 

@@ -5,7 +5,8 @@ header sizes, they keep slow or hostile clients (slowloris) from holding the mir
 A `_Guard` sits between the socket and aiohttp's protocol, forwarding everything. It watches only
 for the blank line that ends a request head: from a connection's first moment, and from the first
 byte of each further request, the head must be complete within `header_timeout`, or the
-connection is closed. Past `max_connections`, a new connection is closed at once.
+connection is closed. Past `max_connections`, a new connection is closed at once. Once the
+shutdown grace is over, `abandon` drops every connection still open.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class GuardedSite(web.TCPSite):
                  ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(runner, host, port, ssl_context=ssl_context)
         self.limits = limits
-        self.open = 0
+        self.connections: set[_Guard] = set()
+        self.abandoned = False
         self.refused = 0
         self.refusal_logged = -_REFUSAL_LOG_INTERVAL
 
@@ -47,6 +49,18 @@ class GuardedSite(web.TCPSite):
             # The handshake comes before any request head: it gets the same deadline.
             ssl_handshake_timeout=self.limits.header_timeout if self._ssl_context else None)
 
+    @property
+    def open(self) -> int:
+        return len(self.connections)
+
+    def abandon(self) -> None:
+        """The shutdown grace is over: drop every connection, those still open and any that
+        arrives later. aiohttp's own shutdown timeout cannot be the bound (see `mirror.app.serve`);
+        a dropped connection ends its handler at once (handler_cancellation)."""
+        self.abandoned = True
+        for guard in list(self.connections):
+            guard.abort()
+
 
 class _Guard(asyncio.Protocol):
     def __init__(self, inner: asyncio.Protocol, site: GuardedSite) -> None:
@@ -55,10 +69,12 @@ class _Guard(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""
-        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self._site.abandoned:
+            transport.abort()
+            return
         if self._site.open >= self._site.limits.max_connections:
             self._site.refused += 1
             now = time.monotonic()
@@ -68,8 +84,7 @@ class _Guard(asyncio.Protocol):
                 self._site.refusal_logged, self._site.refused = now, 0
             transport.abort()
             return
-        self._site.open += 1
-        self._counted = True
+        self._site.connections.add(self)
         self._transport = transport
         self._inner.connection_made(transport)
         self._arm()
@@ -93,9 +108,8 @@ class _Guard(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        if self._counted:
-            self._site.open -= 1
-            self._counted = False
+        if self in self._site.connections:
+            self._site.connections.discard(self)
             self._inner.connection_lost(exc)
         self._transport = None
 
@@ -104,6 +118,10 @@ class _Guard(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def _arm(self) -> None:
         self._disarm()

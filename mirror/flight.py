@@ -57,6 +57,23 @@ class Background:
         await self.join()
 
 
+async def run_to_end(work: Coroutine[Any, Any, V]) -> V:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then pass the
+    cancellation on: for steps that must not stop half-way, such as publishing a blob (a rename
+    in a thread, which cannot be stopped) and recording it in the index. The caller's task,
+    tracked by `Background`, does not end before `work` does."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError from task.exception()
+    return task.result()
+
+
 class Coalescer(Generic[K, V]):
     """Single-flight for small results (manifests): concurrent callers with the same key share
     one call."""

@@ -45,7 +45,7 @@ from mirror.errors import (
     UpstreamRefused,
 )
 from mirror.eviction import Evictor
-from mirror.flight import Background, Coalescer, Fill, Fills
+from mirror.flight import Background, Coalescer, Fill, Fills, run_to_end
 from mirror.index import Index, TagRecord
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, manifest_media_type, manifest_references
 from mirror.routing import Route
@@ -244,14 +244,18 @@ class Proxy:
             if claimed is not None and claimed != digest:
                 raise IntegrityError(f"upstream {upstream.name} sent a manifest for {claimed} whose digest is {digest}")
         media_type = manifest_media_type(fetched.body, fetched.media_type)
-        if self._store.size(digest) is None:
-            # Same digest, same bytes: a manifest stored under another tag is not written again.
-            await self._store.put(digest, fetched.body)
-        if await self._index.add_blob(digest, len(fetched.body)):
-            self._evictor.added(len(fetched.body))
-        await self._index.add_manifest(upstream.name, name, digest, media_type, manifest_references(fetched.body))
-        if tag_it and reference.tag is not None:
-            await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
+
+        async def store() -> None:
+            if self._store.size(digest) is None:
+                # Same digest, same bytes: a manifest stored under another tag is not written again.
+                await self._store.put(digest, fetched.body)
+            await self._record_blob(digest, len(fetched.body))
+            await self._index.add_manifest(upstream.name, name, digest, media_type,
+                                           manifest_references(fetched.body))
+            if tag_it and reference.tag is not None:
+                await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
+        # As for blobs: what is published is recorded before a shutdown closes the index.
+        await run_to_end(store())
         return ManifestResult(fetched.body, media_type, digest, CacheResult.MISS)
 
     def _remember_absent(self, upstream: Upstream, name: str, reference: Reference, error: MirrorError) -> None:
@@ -307,9 +311,21 @@ class Proxy:
 
     async def _download_blob(self, upstream: Upstream, name: str, fill: Fill) -> None:
         await upstream.fetch_blob(name, fill.digest, fill)
-        await fill.commit()
-        if await self._index.add_blob(fill.digest, fill.written):
-            self._evictor.added(fill.written)
+
+        async def publish() -> None:
+            await fill.commit()
+            await self._record_blob(fill.digest, fill.written)
+        # Once publishing has begun the file lands whatever happens (the rename is in a thread):
+        # a shutdown waits until it is recorded too, or eviction would not see it.
+        await run_to_end(publish())
+
+    async def _record_blob(self, digest: Digest, size: int) -> None:
+        """Index a published file; if the index cannot take it now, the next start-up will."""
+        try:
+            if await self._index.add_blob(digest, size):
+                self._evictor.added(size)
+        except CacheWriteError as exc:
+            log.warning("published %s but could not index it (the next start-up will): %s", digest, exc.message)
 
     def done_reading(self, blob: CachedBlob) -> None:
         self._evictor.done(blob.digest)
