@@ -1,5 +1,7 @@
-"""Wiring: `create_app(config)` builds one self-contained mirror. All state hangs off the
-application (no module globals), so tests can run several mirrors in one process."""
+"""The HTTP application: `create_app(config)` builds one self-contained mirror on the services
+`open_services` opens, and `serve` runs it with its listeners, signals and shutdown grace. All
+state hangs off the application (no module globals), so tests can run several mirrors in one
+process."""
 
 from __future__ import annotations
 
@@ -7,37 +9,25 @@ import asyncio
 import errno
 import logging
 import signal
-import sqlite3
 import ssl
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from mirror.access import ACCESS_LOG, METRICS, AccessLogger
 from mirror.config import Config
 from mirror.connections import GuardedSite
-from mirror.errors import CacheWriteError
-from mirror.eviction import Evicted, Evictor
-from mirror.flight import Background
 from mirror.gate import Gate
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
-from mirror.index import INDEX_FILE, Index
 from mirror.logs import protect as protect_logs
 from mirror.metrics import Metrics
-from mirror.oci import Digest
 from mirror.ops import OpsHandlers
-from mirror.proxy import Proxy
 from mirror.reload import Reloadable, reload_all, watch
 from mirror.routing import Router
-from mirror.storage import BlobStore
+from mirror.services import Services, open_services
 from mirror.tls import reload_certificate, server_context
-from mirror.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +37,6 @@ ACCESS_FLUSH_INTERVAL = 10.0
 EXPIRE_INTERVAL = 60.0
 # Big enough that the download loop hands the hasher and disk megabyte-sized writes.
 UPSTREAM_READ_BUFFER = 4 << 20
-
-
-@dataclass(slots=True)
-class Services:
-    """What a running mirror is made of; exposed for the CLI, tests and benchmarks."""
-
-    config: Config
-    store: BlobStore
-    index: Index
-    background: Background
-    proxy: Proxy
-    evictor: Evictor
-    draining: bool = False
-    """Set on SIGTERM: readiness fails so load balancers stop sending new pulls."""
-    index_problem: str | None = None
-    """Why the index is a temporary one in memory, if it is."""
 
 
 SERVICES = web.AppKey("services", Services)
@@ -86,54 +60,15 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
     RegistryHandlers(Router(config), gate).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        store = BlobStore(config.cache_dir)
-        store.lock()
-        swept = store.open()
-        if swept:
-            log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
-        index, index_problem = await _open_index(config.cache_dir / INDEX_FILE, clock)
-        reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
-        if reconciled.added or reconciled.removed:
-            log.info("index reconciled with the cache: %d blobs added, %d removed",
-                     reconciled.added, reconciled.removed)
-        loop = asyncio.get_running_loop()
-        periodic = [loop.create_task(_flush_access(index), name="flush access times")]
-        timeouts = config.timeouts
-        # Small requests: waiting for a connection counts against the connect limit, so a
-        # revalidation fails over to the cached copy instead of queueing.
-        session = _upstream_session(aiohttp.ClientTimeout(
-            total=None, connect=timeouts.connect, sock_read=timeouts.read))
-        # Blob downloads: single-flight already bounds them to one per digest in demand, and a
-        # download may take as long as it takes while bytes keep coming.
-        blob_session = _upstream_session(aiohttp.ClientTimeout(
-            total=None, sock_connect=timeouts.connect, sock_read=timeouts.read), aiohttp.TCPConnector(limit=0))
-        background = Background()
-        evictor = Evictor(config.eviction, store, index, background, metrics)
-        await evictor.open()
-        if max_ages := _max_ages(config):
-            periodic.append(loop.create_task(_expire(evictor, max_ages, clock or time.time), name="expire"))
-        upstreams = {u.name: Upstream(u, session, blob_session, metrics, clock or time.monotonic)
-                     for u in config.upstreams}
-        proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
-                      clock=clock)
-        app[SERVICES] = Services(config, store, index, background, proxy, evictor, index_problem=index_problem)
-        app[PROXY] = proxy
-        metrics.downloads_in_flight.set_function(lambda: len(proxy.fills))
-        metrics.cache_size.set_function(lambda: evictor.usage)
-        metrics.cache_blobs.set_function(lambda: evictor.blobs)
-        if config.eviction.max_size is not None:
-            metrics.cache_max_size.set(config.eviction.max_size)
-        try:
+        async with open_services(config, metrics, clock) as services:
+            app[SERVICES] = services
+            app[PROXY] = services.proxy
+            metrics.downloads_in_flight.set_function(lambda: len(services.proxy.fills))
+            metrics.cache_size.set_function(lambda: services.evictor.usage)
+            metrics.cache_blobs.set_function(lambda: services.evictor.blobs)
+            if config.eviction.max_size is not None:
+                metrics.cache_max_size.set(config.eviction.max_size)
             yield
-        finally:
-            for task in periodic:
-                task.cancel()
-            await asyncio.gather(*periodic, return_exceptions=True)
-            await background.close()
-            await session.close()
-            await blob_session.close()
-            await index.close()
-            store.unlock()
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -236,98 +171,3 @@ def _reloadables(config: Config, app: web.Application, context: ssl.SSLContext |
     return reloadables
 
 
-async def _open_index(path: Path, clock: Callable[[], float] | None) -> tuple[Index, str | None]:
-    """The cache's index, or, where its file cannot be opened (corrupt, or on a failing disk), a
-    temporary one in memory rebuilt from the blobs as after a crash, so that the mirror still
-    serves; the file is left as it is for the operator, and the second value says why."""
-    index = Index(path, clock=clock)
-    try:
-        await index.open()
-        return index, None
-    except CacheWriteError as exc:
-        await index.close()
-        problem = (f"the index file {path} cannot be opened ({exc.message}): running on a temporary index in memory "
-                   "until it is fixed or moved aside and the mirror restarted")
-        log.error("%s", problem)
-    memory = Index(Path(":memory:"), clock=clock)
-    await memory.open()
-    return memory, problem
-
-
-def _upstream_session(timeout: aiohttp.ClientTimeout,
-                      connector: aiohttp.BaseConnector | None = None) -> aiohttp.ClientSession:
-    session = aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=UPSTREAM_READ_BUFFER,
-        # Layers are already compressed and must arrive byte for byte as their digest says.
-        headers={"User-Agent": "mirror (pull-through cache)", "Accept-Encoding": "identity"})
-    # aiohttp sends an idempotent request a second time when its connection closes unanswered;
-    # to a failing upstream that doubles the load the breaker is there to spare. Blob downloads
-    # resume by themselves, and one unanswered manifest request does not open the breaker.
-    session._retry_connection = False
-    return session
-
-
-async def _flush_access(index: Index) -> None:
-    while True:
-        await asyncio.sleep(ACCESS_FLUSH_INTERVAL)
-        try:
-            await index.flush_access()
-        except CacheWriteError as exc:
-            # Access times only order eviction: losing one batch is no reason to stop.
-            log.warning("could not record access times: %s", exc)
-
-
-def _max_ages(config: Config) -> dict[str, float]:
-    return {u.name: u.max_age for u in config.upstreams if u.max_age is not None}
-
-
-async def _expire(evictor: Evictor, max_ages: dict[str, float], clock: Callable[[], float]) -> None:
-    while True:
-        await asyncio.sleep(EXPIRE_INTERVAL)
-        try:
-            expired = await evictor.expire(max_ages, clock())
-        except (CacheWriteError, OSError) as exc:
-            log.warning("could not expire old content: %s", exc)
-            continue
-        if expired:
-            log.info("expired %d blobs (%d bytes) past their upstream's max_age", len(expired),
-                     sum(e.size for e in expired))
-
-
-async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evicted]]:
-    """Age expiry and one eviction pass on a cache no mirror is serving: (usage before, after,
-    what went). A dry run works on a copy of the index and deletes no file."""
-    store = BlobStore(config.cache_dir)
-    store.lock()
-    try:
-        store.open()
-        database = config.cache_dir / INDEX_FILE
-        files = store
-        with tempfile.TemporaryDirectory() as scratch:
-            if dry_run:
-                copy = Path(scratch) / INDEX_FILE
-                with sqlite3.connect(database) as source, sqlite3.connect(copy) as target:
-                    source.backup(target)
-                database, files = copy, _KeepFiles(config.cache_dir)
-            index = Index(database)
-            await index.open()
-            try:
-                await index.reconcile(await asyncio.to_thread(store.scan))
-                evictor = Evictor(config.eviction, files, index, Background(), Metrics())
-                evictor.usage = (await index.usage())[1]
-                before = evictor.usage
-                evicted = await evictor.expire(_max_ages(config), time.time())
-                if config.eviction.max_size is not None:
-                    evicted += await evictor.evict()
-                return before, evictor.usage, evicted
-            finally:
-                await index.close()
-    finally:
-        store.unlock()
-
-
-class _KeepFiles(BlobStore):
-    """A store whose evictions are only pretended, for dry runs."""
-
-    def remove(self, digest: Digest) -> None:
-        pass

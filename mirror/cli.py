@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mirror import __version__
-from mirror.app import evict_now, serve
+from mirror.app import serve
 from mirror.config import Config, Overrides, load
 from mirror.errors import CacheBusy, ConfigError, MirrorError
-from mirror.index import INDEX_FILE, cached_images, set_pinned
+from mirror.index import INDEX_FILE, cached_images, recorded_misses, set_pinned
 from mirror.logs import configure as configure_logs
 from mirror.routing import Router
+from mirror.services import evict_now
 
 DESCRIPTION = """\
 A pull-through caching mirror for Docker/OCI registries. Point the Docker daemon
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key, PEM (not world-readable)")
     serve.add_argument("--shutdown-grace", metavar="DURATION",
                        help="after SIGTERM, how long responses under way may take to finish (default 30s)")
+    serve.add_argument("--offline", action="store_true",
+                       help="never contact an upstream (an air-gapped site): serve what is cached or imported, "
+                            "tags as they are whatever their age, and record the rest as misses ($MIRROR_OFFLINE=1)")
 
     ls = commands.add_parser("ls", parents=[common], help="list what is cached",
                              description="List the cached tags: repository, tag, digest, size on disk, "
@@ -90,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-size", metavar="SIZE", help="the disk budget, e.g. 50GiB (default: from the config)")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     gc.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    misses = commands.add_parser("misses", parents=[common], help="what an offline mirror was asked for and lacked",
+                                 description="The references an offline mirror could not serve, most asked first, "
+                                             "as an image list for `mirror seed -f` on the connected side. Safe to "
+                                             "run beside a serving mirror.")
+    misses.add_argument("--json", action="store_true", help="one JSON array, for scripts")
 
     for command, verb in (("pin", "Keep"), ("unpin", "Stop keeping")):
         pin = commands.add_parser(command, parents=[common], help=f"{verb.lower()} a cached image whatever its age",
@@ -172,6 +182,22 @@ def list_cached(config: Config, as_json: bool) -> int:
     return 0
 
 
+def list_misses(config: Config, as_json: bool) -> int:
+    database = config.cache_dir / INDEX_FILE
+    misses = recorded_misses(database) if database.exists() else []
+    if as_json:
+        print(json.dumps([dataclasses.asdict(miss) for miss in misses], indent=2))
+        return 0
+    print(f"# what the offline mirror in {config.cache_dir} was asked for and did not have, most asked first")
+    for miss in misses:
+        if miss.kind == "manifest":
+            separator = "@" if miss.reference.startswith("sha256:") else ":"
+            print(f"{miss.upstream}/{miss.name}{separator}{miss.reference}  # asked {miss.count} times")
+        else:
+            print(f"# {miss.kind} {miss.upstream}/{miss.name} {miss.reference}: asked {miss.count} times")
+    return 0
+
+
 def _human(size: int) -> str:
     value, unit = float(size), "B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -193,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               log_level=args.log_level, path_prefix=args.path_prefix,
                               metrics_listen=args.metrics_listen, log_format=args.log_format,
                               shutdown_grace=args.shutdown_grace, htpasswd=args.htpasswd,
-                              tls_cert=args.tls_cert, tls_key=args.tls_key)
+                              tls_cert=args.tls_cert, tls_key=args.tls_key, offline=args.offline)
     else:
         overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None))
     try:
@@ -207,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return collect(config, args.dry_run, args.json)
     if args.command in ("pin", "unpin"):
         return set_pin(config, args.reference, args.command == "pin", args.json)
+    if args.command == "misses":
+        return list_misses(config, args.json)
     configure_logs(config.log_level, config.log_format)
     log = logging.getLogger("mirror")
     for upstream in config.upstreams:

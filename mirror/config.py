@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -74,6 +75,9 @@ class UpstreamConfig:
     """What an upstream 401 or 403 means for a cached tag: `stale` (an outage of the mirror's
     credentials: serve the cached copy and log it) or `deny` (stop serving it)."""
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    offline: bool = False
+    """Never contact this upstream: serve what is cached (tags as they were, whatever their
+    age) and answer the rest "not cached"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +301,8 @@ def _secret(section: _Section, key: str, environ: Mapping[str, str]) -> str | No
 
 def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     section.check_keys({"name", "url", "aliases", "tag_ttl", "max_age", "library_prefix", "credentials",
-                        "token_realms", "stale_while_revalidate", "negative_ttl", "on_refusal", "breaker"})
+                        "token_realms", "stale_while_revalidate", "negative_ttl", "on_refusal", "breaker",
+                        "offline"})
     name = section.get("name", str)
     url = section.get("url", str)
     if name is None or url is None:
@@ -334,6 +339,7 @@ def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
         negative_ttl=parse_duration(section.data.get("negative_ttl", 30), section.at("negative_ttl")),
         on_refusal=_choice(section, "on_refusal", ("stale", "deny"), "stale"),
         breaker=_breaker(section),
+        offline=section.get("offline", bool, False),
     )
 
 
@@ -469,6 +475,7 @@ class Overrides:
     htpasswd: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    offline: bool = False
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -511,7 +518,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"upstreams", "upstream_timeouts", "max_size", "eviction", "connections", "auth", "tls",
-                     *_SCALARS})
+                     "offline", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -541,6 +548,13 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
     if overrides.upstreams:
         flags = [parse_upstream_flag(v, "--upstream") for v in overrides.upstreams]
         config = replace(config, upstreams=merge_upstreams(config.upstreams, flags, "--upstream"))
+    everything_offline = (root.get("offline", bool, False) or environ.get("MIRROR_OFFLINE", "") in ("1", "true")
+                          or overrides.offline)
+    # Offline, a tag is served as it was cached or imported, whatever its age: nothing could
+    # revalidate it. A miss costs nothing to answer, and each is counted for the next image list.
+    config = replace(config, upstreams=tuple(
+        replace(u, offline=True, tag_ttl=math.inf, negative_ttl=0.0) if u.offline or everything_offline else u
+        for u in config.upstreams))
 
     eviction = EvictionConfig()
     if (section_data := root.data.get("eviction")) is not None:

@@ -71,6 +71,15 @@ CREATE TABLE IF NOT EXISTS refs (
     child TEXT NOT NULL,
     PRIMARY KEY (parent, child)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS misses (
+    upstream TEXT NOT NULL,
+    name TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (upstream, name, reference)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS refs_by_child ON refs (child);
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
 """
@@ -343,6 +352,22 @@ class Index:
             return int(count), int(size)
         return await self._run(query)
 
+    async def record_miss(self, upstream: str, name: str, reference: str, kind: str) -> None:
+        """What an offline mirror was asked for and did not have, for the next image list."""
+        await self._run(lambda: self.db.execute(
+            "INSERT INTO misses VALUES (?, ?, ?, ?, 1, ?) ON CONFLICT (upstream, name, reference) "
+            "DO UPDATE SET count = count + 1, last_seen = excluded.last_seen",
+            (upstream, name, reference, kind, self._clock())))
+
+    async def cached_tags(self, upstream: str, name: str) -> list[str]:
+        return await self._run(lambda: [row[0] for row in self.db.execute(
+            "SELECT tag FROM tags WHERE upstream = ? AND name = ?", (upstream, name))])
+
+    async def pin(self, digest: Digest, pinned: bool = True) -> bool:
+        """Keep a manifest (and so all it references) out of eviction's reach; False if it is not cached."""
+        return await self._run(lambda: self.db.execute(
+            "UPDATE blobs SET pinned = ? WHERE digest = ?", (int(pinned), str(digest))).rowcount > 0)
+
     async def is_linked(self, upstream: str, name: str, digest: Digest) -> bool:
         key = (upstream, name, str(digest))
         if key in self._links:
@@ -381,6 +406,29 @@ def cached_images(path: Path) -> list[CachedImage]:
         return images
     finally:
         db.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Miss:
+    upstream: str
+    name: str
+    reference: str
+    kind: str
+    count: int
+    last_seen: float
+
+
+def recorded_misses(path: Path) -> list[Miss]:
+    """What an offline mirror could not serve, most asked first (read beside a serving mirror)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT upstream, name, reference, kind, count, last_seen FROM misses "
+                          "ORDER BY count DESC, upstream, name, reference").fetchall()
+    except sqlite3.OperationalError:
+        return []  # an index no mirror of this version has opened yet: it has no misses
+    finally:
+        db.close()
+    return [Miss(*row) for row in rows]
 
 
 def set_pinned(path: Path, upstream: str, name: str, reference: str, pinned: bool) -> str | None:

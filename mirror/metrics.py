@@ -64,6 +64,8 @@ class Metrics:
         self.upstream_state = Gauge("mirror_upstream_circuit_state", "Each upstream's circuit breaker: 0 closed "
                                     "(asked as usual), 1 half-open (one probe under way), 2 open (not asked: "
                                     "cached content is served stale).", ["upstream"], registry=registry)
+        self.offline_misses = Counter("mirror_offline_misses", "Requests an offline mirror could not answer from "
+                                      "its cache (recorded for `mirror misses`).", ["kind"], registry=registry)
         self.ratelimit_limit = Gauge("mirror_upstream_ratelimit_limit", "The upstream's pull limit per window, "
                                      "from its ratelimit-limit header.", ["upstream"], registry=registry)
 
@@ -83,6 +85,8 @@ class Metrics:
                 self.cache_requests.labels(kind, result)
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source)
+        for kind in (*KINDS, "tags"):
+            self.offline_misses.labels(kind)
         for reason in ("size", "age"):
             self.evictions.labels(reason)
             self.evicted_bytes.labels(reason)

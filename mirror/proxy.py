@@ -50,7 +50,7 @@ from mirror.index import Index, TagRecord
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, manifest_media_type, manifest_references
 from mirror.routing import Route
 from mirror.storage import BlobStore
-from mirror.upstream import Upstream
+from mirror.upstream import Source
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class BlobHead:
 
 
 class Proxy:
-    def __init__(self, store: BlobStore, index: Index, evictor: Evictor, upstreams: Mapping[str, Upstream],
+    def __init__(self, store: BlobStore, index: Index, evictor: Evictor, upstreams: Mapping[str, Source],
                  background: Background, revalidate_timeout: float = 5.0,
                  clock: Callable[[], float] | None = None) -> None:
         self._store = store
@@ -173,7 +173,7 @@ class Proxy:
             return await self._fetch_manifest(upstream, route.name, reference, upstream_accept, tag_it=False)
         return result
 
-    def _stale(self, upstream: Upstream, cached: ManifestResult, error: MirrorError) -> ManifestResult:
+    def _stale(self, upstream: Source, cached: ManifestResult, error: MirrorError) -> ManifestResult:
         """The cached copy of a tag the upstream could not confirm, unless the upstream's policy
         is that a refusal stops it being served."""
         if isinstance(error, UpstreamRefused) and upstream.config.on_refusal == "deny":
@@ -181,7 +181,7 @@ class Proxy:
             raise UpstreamRefused(error.message, error.detail)
         return replace(cached, cache=CacheResult.STALE)
 
-    async def _revalidate(self, upstream: Upstream, name: str, reference: Reference,
+    async def _revalidate(self, upstream: Source, name: str, reference: Reference,
                           cached: ManifestResult) -> ManifestResult:
         assert reference.tag is not None
         key = (upstream.name, name, reference.tag)
@@ -221,7 +221,7 @@ class Proxy:
         self._index.touch(digest)
         return ManifestResult(body, media_type, digest, CacheResult.HIT)
 
-    async def _fetch_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
+    async def _fetch_manifest(self, upstream: Source, name: str, reference: Reference, accept: str,
                               tag_it: bool) -> ManifestResult:
         absent = self._absent.get(upstream.name)
         if absent is not None and (gone := absent.get((name, str(reference)))) is not None:
@@ -232,7 +232,7 @@ class Proxy:
                                                                               tag_it))
         return replace(result, cache=CacheResult.JOINED) if joined else result
 
-    async def _download_manifest(self, upstream: Upstream, name: str, reference: Reference, accept: str,
+    async def _download_manifest(self, upstream: Source, name: str, reference: Reference, accept: str,
                                  tag_it: bool) -> ManifestResult:
         try:
             fetched = await upstream.get_manifest(name, str(reference), accept)
@@ -258,7 +258,7 @@ class Proxy:
         await run_to_end(store())
         return ManifestResult(fetched.body, media_type, digest, CacheResult.MISS)
 
-    def _remember_absent(self, upstream: Upstream, name: str, reference: Reference, error: MirrorError) -> None:
+    def _remember_absent(self, upstream: Source, name: str, reference: Reference, error: MirrorError) -> None:
         if (absent := self._absent.get(upstream.name)) is not None:
             absent[(name, str(reference))] = error
 
@@ -309,7 +309,7 @@ class Proxy:
         head = await upstream.head("blob", route.name, str(digest))
         return BlobHead(head.size, CacheResult.MISS)
 
-    async def _download_blob(self, upstream: Upstream, name: str, fill: Fill) -> None:
+    async def _download_blob(self, upstream: Source, name: str, fill: Fill) -> None:
         await upstream.fetch_blob(name, fill.digest, fill)
 
         async def publish() -> None:
@@ -330,7 +330,7 @@ class Proxy:
     def done_reading(self, blob: CachedBlob) -> None:
         self._evictor.done(blob.digest)
 
-    async def _ensure_visible(self, upstream: Upstream, name: str, digest: Digest, kind: str) -> None:
+    async def _ensure_visible(self, upstream: Source, name: str, digest: Digest, kind: str) -> None:
         """Raise unless `name` may see `digest`: known from its manifests, or confirmed by the
         upstream in that repository's own scope."""
         if await self._index.is_linked(upstream.name, name, digest):

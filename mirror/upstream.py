@@ -106,6 +106,20 @@ class Head:
     size: int | None
 
 
+class Source(Protocol):
+    """Where the proxy gets what it has not cached: an online upstream, or the offline one that
+    answers "not cached" without any traffic."""
+
+    @property
+    def config(self) -> UpstreamConfig: ...
+    @property
+    def name(self) -> str: ...
+    async def head(self, kind: str, name: str, reference: str, accept: str | None = None) -> Head: ...
+    async def get_manifest(self, name: str, reference: str, accept: str) -> Manifest: ...
+    async def fetch_blob(self, name: str, digest: Digest, sink: BlobSink) -> None: ...
+    async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]: ...
+
+
 def scope_for(name: str) -> str:
     return f"repository:{name}:pull"
 

@@ -20,9 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.access import ACCESS_LOG
-from mirror.app import SERVICES, Services, create_app, runner_options
+from mirror.app import SERVICES, create_app, runner_options
 from mirror.config import AuthConfig, Config, EvictionConfig, TimeoutConfig, UpstreamConfig
 from mirror.logs import JsonFormatter
+from mirror.services import Services
 from tests.support.clients import Sandbox, system_path
 from tests.support.fake_upstream import FakeUpstream, start_fake
 from tests.support.images import PushedImage, populate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,14 @@ def test_bad_config_names_the_key_path(tmp_path: Path, text: str, message: str) 
         load(write(tmp_path, text), environ={})
     assert str(caught.value).startswith(message)
     assert "hunter2" not in str(caught.value) and "8473625190" not in str(caught.value), "a secret in an error"
+
+
+def test_offline_from_the_file_the_environment_or_the_flag(tmp_path: Path) -> None:
+    two = "upstreams:\n  - {name: a.io, url: 'http://127.0.0.1:1', offline: true}\n  - {name: b.io, url: 'http://127.0.0.1:2'}"
+    config = load(write(tmp_path, two + "\ndefault_upstream: a.io"), environ={})
+    assert [(u.name, u.offline, u.tag_ttl, u.negative_ttl) for u in config.upstreams] == [
+        ("a.io", True, math.inf, 0.0), ("b.io", False, 300.0, 30.0)]
+    for environ, overrides in (({"MIRROR_OFFLINE": "1"}, Overrides()), ({}, Overrides(offline=True))):
+        assert all(u.offline and u.tag_ttl == math.inf for u in load(None, environ=environ,
+                                                                       overrides=overrides).upstreams)
+    assert all(u.offline for u in load(write(tmp_path, "offline: true"), environ={}).upstreams)

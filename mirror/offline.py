@@ -1,0 +1,63 @@
+"""The upstream of a mirror that must not contact one (an air-gapped site): every question the
+cache could not answer is answered "not cached" at once, with no DNS look-up, connection or
+token, and recorded as a miss so that the next image list can be made from them. Tag lists come
+from the index. It stands where an online `Upstream` would, so no caller checks for offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NoReturn
+
+from mirror.config import UpstreamConfig
+from mirror.errors import BlobUnknown, ManifestUnknown, MirrorError, NameUnknown
+from mirror.metrics import Metrics
+from mirror.oci import Digest
+from mirror.upstream import BlobSink, Head, Manifest
+
+log = logging.getLogger(__name__)
+
+Recorder = Callable[[str, str, str, str], Awaitable[None]]
+"""Records a miss: (upstream, repository, reference, kind)."""
+TagLister = Callable[[str, str], Awaitable[list[str]]]
+"""The cached tags of (upstream, repository)."""
+
+
+class OfflineUpstream:
+    def __init__(self, config: UpstreamConfig, record: Recorder, cached_tags: TagLister, metrics: Metrics) -> None:
+        self.config = config
+        self.name = config.name
+        self._record = record
+        self._cached_tags = cached_tags
+        self._misses = metrics.offline_misses
+
+    async def head(self, kind: str, name: str, reference: str, accept: str | None = None) -> Head:
+        await self._miss(kind, name, reference)
+
+    async def get_manifest(self, name: str, reference: str, accept: str) -> Manifest:
+        await self._miss("manifest", name, reference)
+
+    async def fetch_blob(self, name: str, digest: Digest, sink: BlobSink) -> None:
+        await self._miss("blob", name, str(digest))
+
+    async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
+        tags = sorted(await self._cached_tags(self.name, name))
+        if not tags:
+            raise NameUnknown(f"{self.name}/{name} has no cached tags and the mirror is offline", {"offline": True})
+        if "last" in query:
+            tags = [t for t in tags if t > query["last"]]
+        if query.get("n", "").isdigit():
+            tags = tags[:int(query["n"])]
+        return json.dumps({"name": name, "tags": tags}).encode(), None
+
+    async def _miss(self, kind: str, name: str, reference: str) -> NoReturn:
+        self._misses.labels(kind).inc()
+        try:
+            await self._record(self.name, name, reference, kind)
+        except MirrorError as exc:
+            log.warning("could not record the miss of %s/%s %s: %s", self.name, name, reference, exc.message)
+        error = ManifestUnknown if kind == "manifest" else BlobUnknown
+        raise error(f"{self.name}/{name} {reference} is not cached, and the mirror is offline",
+                    {"offline": True, "upstream": self.name, "name": name, "reference": reference})
