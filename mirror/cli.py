@@ -16,9 +16,11 @@ from mirror import __version__
 from mirror.app import serve
 from mirror.config import Config, Overrides, load
 from mirror.errors import CacheBusy, ConfigError, MirrorError
-from mirror.index import INDEX_FILE, cached_images, recorded_misses, set_pinned
+from mirror.imagelist import ImageSpec, from_arguments, load_list
+from mirror.index import INDEX_FILE, Miss, cached_images, recorded_misses, set_pinned
 from mirror.logs import configure as configure_logs
 from mirror.routing import Router
+from mirror.seeding import seed
 from mirror.services import evict_now
 
 DESCRIPTION = """\
@@ -94,6 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--max-size", metavar="SIZE", help="the disk budget, e.g. 50GiB (default: from the config)")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     gc.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    seed = commands.add_parser("seed", parents=[common], help="fill the cache with a list of images, and pin them",
+                               description="Fetch every image of a list (and, for an index, the platforms asked "
+                                           "for) into the cache, through the same downloads as client traffic, and "
+                                           "pin it. Works on the cache directory, so no mirror may be serving it.")
+    seed.add_argument("references", nargs="*", metavar="IMAGE", help="images as users write them: nginx:1.27, "
+                                                                       "ghcr.io/owner/repo@sha256:...")
+    seed.add_argument("-f", "--file", type=Path, metavar="FILE",
+                      help="an image list: one reference per line, or YAML with platforms, referrers and tag filters")
+    seed.add_argument("--from-misses", action="store_true",
+                      help="the references an offline mirror on this cache could not serve (mirror misses)")
+    seed.add_argument("--upstream", action="append", default=[], metavar="[NAME=]URL",
+                      help="add an upstream registry, or change the URL of a configured one. Repeatable.")
+    seed.add_argument("--dry-run", action="store_true", help="resolve each reference; fetch no blob, pin nothing")
+    seed.add_argument("--json", action="store_true", help="one JSON array of results, for scripts")
 
     misses = commands.add_parser("misses", parents=[common], help="what an offline mirror was asked for and lacked",
                                  description="The references an offline mirror could not serve, most asked first, "
@@ -182,6 +199,55 @@ def list_cached(config: Config, as_json: bool) -> int:
     return 0
 
 
+def run_seed(config: Config, args: argparse.Namespace) -> int:
+    try:
+        specs = _image_list(config, args.references, args.file, args.from_misses)
+    except ConfigError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    if not specs:
+        print("mirror: no images: name them, or give -f FILE or --from-misses", file=sys.stderr)
+        return 2
+    try:
+        done, failed = asyncio.run(seed(config, specs, args.dry_run, quiet=args.json))
+    except CacheBusy as exc:
+        print(f"mirror: {exc}; seed works on a cache no mirror is serving", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in done]
+                         + [{"reference": str(spec), "error": error.message} for spec, error in failed], indent=2))
+    else:
+        for result in done:
+            platforms = f" platforms {', '.join(result.platforms_present)}" if result.platforms_present else ""
+            missing = f" (missing {', '.join(result.platforms_missing)})" if result.platforms_missing else ""
+            print(f"{'resolved' if args.dry_run else 'seeded'} {result.reference} {result.digest}{platforms}"
+                  f"{missing}: {len(result.blobs)} blobs, {_human(result.bytes_fetched)} fetched, "
+                  f"{_human(result.bytes_cached)} already cached"
+                  + (f", {len(result.referrers)} referrers" if result.referrers else ""))
+        for spec, error in failed:
+            print(f"failed {spec} ({spec.source}): {error.message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _image_list(config: Config, references: Sequence[str], file: Path | None, from_misses: bool) -> list[ImageSpec]:
+    specs = from_arguments(references, config)
+    if file is not None:
+        try:
+            text = file.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{file}: {exc.strerror}") from None
+        specs += load_list(text, config)
+    if from_misses:
+        database = config.cache_dir / INDEX_FILE
+        misses = recorded_misses(database) if database.exists() else []
+        specs += load_list("\n".join(_miss_reference(m) for m in misses if m.kind == "manifest"), config)
+    return specs
+
+
+def _miss_reference(miss: Miss) -> str:
+    return f"{miss.upstream}/{miss.name}{'@' if miss.reference.startswith('sha256:') else ':'}{miss.reference}"
+
+
 def list_misses(config: Config, as_json: bool) -> int:
     database = config.cache_dir / INDEX_FILE
     misses = recorded_misses(database) if database.exists() else []
@@ -191,8 +257,7 @@ def list_misses(config: Config, as_json: bool) -> int:
     print(f"# what the offline mirror in {config.cache_dir} was asked for and did not have, most asked first")
     for miss in misses:
         if miss.kind == "manifest":
-            separator = "@" if miss.reference.startswith("sha256:") else ":"
-            print(f"{miss.upstream}/{miss.name}{separator}{miss.reference}  # asked {miss.count} times")
+            print(f"{_miss_reference(miss)}  # asked {miss.count} times")
         else:
             print(f"# {miss.kind} {miss.upstream}/{miss.name} {miss.reference}: asked {miss.count} times")
     return 0
@@ -221,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               shutdown_grace=args.shutdown_grace, htpasswd=args.htpasswd,
                               tls_cert=args.tls_cert, tls_key=args.tls_key, offline=args.offline)
     else:
-        overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None))
+        overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None),
+                              upstreams=tuple(getattr(args, "upstream", ())))
     try:
         config = load(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -235,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return set_pin(config, args.reference, args.command == "pin", args.json)
     if args.command == "misses":
         return list_misses(config, args.json)
+    if args.command == "seed":
+        configure_logs(config.log_level, config.log_format)
+        return run_seed(config, args)
     configure_logs(config.log_level, config.log_format)
     log = logging.getLogger("mirror")
     for upstream in config.upstreams:

@@ -179,6 +179,10 @@ class Fill:
         """Once the whole blob is verified; raises if it failed."""
         await asyncio.shield(self._verified)
 
+    async def published(self) -> None:
+        """Once the blob is in the store; raises if it will not be."""
+        await asyncio.shield(self._done)
+
     def _open(self) -> BinaryIO:
         """A file of the reader's own: a duplicate descriptor of the growing file until the
         download is over, the published file after (the fill's own may be closed by then)."""

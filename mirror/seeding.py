@@ -1,0 +1,229 @@
+"""Filling the cache with the images of a list, ahead of any client: the same single-flight
+downloads and verified store writes as client traffic (the proxy's), then a pin so that eviction
+leaves them alone.
+
+An image is its manifest, and for an index the children of the selected platforms (the index
+itself is kept byte for byte: a sparse index, never a rewritten one), their configs and layers,
+and, if asked, its referrers: the `sha256-<hex>` fallback tag of the OCI referrers scheme and
+cosign's `.sig`, `.att` and `.sbom` tags, with their own referrers in turn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mirror.config import Config
+from mirror.errors import ManifestUnknown, MirrorError, NameUnknown
+from mirror.imagelist import ImageSpec, Platform
+from mirror.index import Index
+from mirror.metrics import Metrics
+from mirror.oci import DOCKER_MANIFEST_LIST, MANIFEST_MEDIA_TYPES, OCI_INDEX, Digest, Reference, parse_tag
+from mirror.progress import Reporter
+from mirror.proxy import CachedBlob, ManifestResult, Proxy
+from mirror.routing import Endpoint, Route
+from mirror.services import open_services
+
+log = logging.getLogger(__name__)
+
+ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
+INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+# Referrers of referrers (a signature of an SBOM) are followed this deep.
+REFERRER_DEPTH = 3
+# Cosign's tag suffixes for what it attaches to an image.
+COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+TAG_PAGE = 1000
+
+Progress = Callable[["Event"], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something seeding did, for a progress display: `kind` is `blob` (bytes arrived) or `image` (one done)."""
+
+    kind: str
+    reference: str
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class Seeded:
+    """What one reference came to."""
+
+    reference: str
+    digest: str
+    media_type: str
+    platforms_present: list[str] = field(default_factory=list)
+    platforms_missing: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+    """Every manifest digest kept: the image's own, its selected children, its referrers."""
+    blobs: dict[str, int] = field(default_factory=dict)
+    """Every config and layer, with its size."""
+    referrers: list[str] = field(default_factory=list)
+    bytes_fetched: int = 0
+    bytes_cached: int = 0
+
+
+class Seeder:
+    def __init__(self, proxy: Proxy, index: Index, progress: Progress | None = None) -> None:
+        self._proxy = proxy
+        self._index = index
+        self._progress = progress or (lambda _: None)
+
+    async def expand(self, spec: ImageSpec) -> list[ImageSpec]:
+        """A repository entry as the tags its filters admit; any other entry as it is."""
+        if spec.reference is not None:
+            return [spec]
+        assert spec.tags is not None
+        route = Route(spec.upstream, spec.name, Endpoint.TAGS)
+        tags: list[str] = []
+        query: dict[str, str] = {"n": str(TAG_PAGE)}
+        while True:
+            body, link = await self._proxy.tags(route, query)
+            page = json.loads(body).get("tags") or []
+            tags += [t for t in page if isinstance(t, str)]
+            if not link or not page:
+                break
+            query = {"n": str(TAG_PAGE), "last": page[-1]}
+        admitted = sorted(t for t in tags if spec.tags.admits(t))
+        return [ImageSpec(spec.source, spec.upstream, spec.name, Reference(tag=parse_tag(t)), spec.platforms,
+                          spec.referrers) for t in admitted]
+
+    async def seed(self, spec: ImageSpec, dry_run: bool = False) -> Seeded:
+        """Fetch (or find cached) everything `spec` names and pin it; with `dry_run`, resolve
+        the manifests only."""
+        assert spec.reference is not None
+        root = await self._manifest(spec, spec.reference)
+        seeded = Seeded(str(spec), str(root.digest), root.media_type, manifests=[str(root.digest)])
+        images = [root]
+        if root.media_type in INDEX_TYPES:
+            images = await self._children(spec, root, seeded)
+        if not dry_run:
+            for image in images:
+                await self._blobs(spec, image, seeded)
+        if spec.referrers:
+            await self._referrers(spec, root.digest, seeded, dry_run, REFERRER_DEPTH)
+        if not dry_run:
+            for digest in seeded.manifests:
+                await self._index.pin(Digest.parse(digest))
+        self._progress(Event("image", str(spec)))
+        return seeded
+
+    async def _manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
+        return await self._proxy.manifest(Route(spec.upstream, spec.name, Endpoint.MANIFEST, reference), ACCEPT_ALL)
+
+    async def _children(self, spec: ImageSpec, index: ManifestResult, seeded: Seeded) -> list[ManifestResult]:
+        """The children of `index` for the platforms asked for (all if none were)."""
+        document = json.loads(index.body)
+        children = [d for d in document.get("manifests", []) if isinstance(d, dict)]
+        wanted = spec.platforms
+        chosen = children if wanted is None else [d for d in children
+                                                  if any(p.matches(d.get("platform")) for p in wanted)]
+        if wanted is not None:
+            seeded.platforms_missing = [str(p) for p in wanted
+                                        if not any(p.matches(d.get("platform")) for d in children)]
+        results = []
+        for descriptor in chosen:
+            child = await self._manifest(spec, Reference(digest=Digest.parse(str(descriptor["digest"]))))
+            results.append(child)
+            seeded.manifests.append(str(child.digest))
+            if (platform := _platform(descriptor.get("platform"))) is not None:
+                seeded.platforms_present.append(platform)
+        return results
+
+    async def _blobs(self, spec: ImageSpec, image: ManifestResult, seeded: Seeded) -> None:
+        document = json.loads(image.body)
+        descriptors = [document.get("config"), *(document.get("layers") or []), *(document.get("blobs") or [])]
+        for descriptor in descriptors:
+            if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
+                continue
+            digest = Digest.parse(descriptor["digest"])
+            if str(digest) in seeded.blobs:
+                continue
+            route = Route(spec.upstream, spec.name, Endpoint.BLOB, Reference(digest=digest))
+            blob = await self._proxy.blob(route)
+            if isinstance(blob, CachedBlob):
+                self._proxy.done_reading(blob)
+                seeded.blobs[str(digest)] = blob.size
+                seeded.bytes_cached += blob.size
+                continue
+            await blob.fill.published()
+            seeded.blobs[str(digest)] = blob.fill.written
+            seeded.bytes_fetched += blob.fill.written
+            self._progress(Event("blob", str(spec), blob.fill.written))
+
+    async def _referrers(self, spec: ImageSpec, subject: Digest, seeded: Seeded, dry_run: bool, depth: int) -> None:
+        """What the fallback tag and cosign's tags hold for `subject`, and their referrers in turn."""
+        tag = f"sha256-{subject.hex}"
+        for candidate in (tag, *(tag + suffix for suffix in COSIGN_SUFFIXES)):
+            try:
+                found = await self._manifest(spec, Reference(tag=candidate))
+            except (ManifestUnknown, NameUnknown):
+                continue
+            attached = [found]
+            if found.media_type in INDEX_TYPES and candidate == tag:
+                # The referrers index of the fallback scheme: each entry is a referrer manifest.
+                descriptors = json.loads(found.body).get("manifests", [])
+                attached = [await self._manifest(spec, Reference(digest=Digest.parse(str(d["digest"]))))
+                            for d in descriptors if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+                seeded.manifests.append(str(found.digest))
+            for referrer in attached:
+                if str(referrer.digest) in seeded.manifests:
+                    continue
+                seeded.manifests.append(str(referrer.digest))
+                seeded.referrers.append(str(referrer.digest))
+                if not dry_run:
+                    await self._blobs(spec, referrer, seeded)
+                if depth > 1:
+                    await self._referrers(spec, referrer.digest, seeded, dry_run, depth - 1)
+
+
+def _platform(value: object) -> str | None:
+    if not isinstance(value, dict) or not value.get("os") or not value.get("architecture"):
+        return None
+    return str(Platform(str(value["os"]), str(value["architecture"]),
+                        str(value["variant"]) if value.get("variant") else None))
+
+
+Failure = tuple[ImageSpec, MirrorError]
+
+
+async def seed_all(seeder: Seeder, specs: list[ImageSpec], dry_run: bool,
+                   report: Callable[[Seeded | Failure], None]) -> tuple[list[Seeded], list[Failure]]:
+    """Every spec in turn; a reference that fails is reported and the rest go on."""
+    done: list[Seeded] = []
+    failed: list[Failure] = []
+    for listed in specs:
+        try:
+            expanded = await seeder.expand(listed)
+        except MirrorError as exc:
+            failed.append((listed, exc))
+            report((listed, exc))
+            continue
+        for spec in expanded:
+            try:
+                result = await seeder.seed(spec, dry_run)
+            except MirrorError as exc:
+                failed.append((spec, exc))
+                report((spec, exc))
+                continue
+            done.append(result)
+            report(result)
+    return done, failed
+
+
+async def seed(config: Config, specs: list[ImageSpec], dry_run: bool, quiet: bool = False
+               ) -> tuple[list[Seeded], list[Failure]]:
+    """`mirror seed` on the cache directory: the services a serving mirror would open, and a
+    progress display. Interrupted, it keeps what was whole; run again, it fetches only the rest."""
+    async with open_services(config, Metrics()) as services:
+        with Reporter("seeding", len(specs), quiet) as reporter:
+            def progress(event: Event) -> None:
+                if event.kind == "blob":
+                    reporter.moved(event.bytes, event.reference)
+                else:
+                    reporter.finished(event.reference)
+            seeder = Seeder(services.proxy, services.index, progress)
+            return await seed_all(seeder, specs, dry_run, lambda _: None)

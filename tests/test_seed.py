@@ -1,0 +1,119 @@
+"""`mirror seed`: an image list fetched from the real registry into a cache directory, through
+the same downloads as client traffic, pinned, reported per reference; a second run fetches
+nothing; --dry-run fetches no blob; a bad list is refused before anything is fetched."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Counting, Registry
+from tests.support.images import push_image, random_layer
+
+
+def mirror_command(*args: str | Path, upstream: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mirror", *map(str, args), "--upstream", f"docker.io={upstream}"],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def pinned(cache: Path) -> set[str]:
+    db = sqlite3.connect(cache / "index.db")
+    try:
+        return {row[0] for row in db.execute("SELECT digest FROM blobs WHERE pinned = 1")}
+    finally:
+        db.close()
+
+
+def stored(cache: Path) -> set[str]:
+    return {f"sha256:{p.name}" for p in (cache / "blobs" / "sha256").glob("*/*")}
+
+
+async def test_seed_fetches_pins_and_reports_every_listed_image(
+        registry: Registry, counting: Counting, tmp_path: Path) -> None:
+    for tag in ("1.0.0", "1.2.0", "2.0.0-rc1", "2.1.0"):
+        await asyncio.to_thread(push_image, registry.url, "library/filtered", tag,
+                                layers=[random_layer(2048, hash(tag) & 0xFFFF)])
+    single, index, docker_list = registry.images["single"], registry.images["index"], registry.images["list"]
+    amd64_digest = next(d["digest"] for d in json.loads(index.manifest)["manifests"]
+                        if d["platform"]["architecture"] == "amd64")
+    amd64 = next(c for c in index.children if c.digest == amd64_digest)
+    listing = tmp_path / "images.yaml"
+    listing.write_text(f"""
+images:
+  - alpine:3.19
+  - ref: multi:1.0
+    platforms: [linux/amd64, linux/s390x]
+  - dockerlist:1.0
+  - busybox@{registry.images["docker"].digest}
+  - repository: filtered
+    tags: {{semver: ">=1.1.0, <3.0.0", deny: ["-rc"]}}
+""")
+    cache = tmp_path / "cache"
+    run = await asyncio.to_thread(mirror_command, "seed", "-f", listing, "--cache-dir", cache, "--json",
+                                  upstream=counting.url)
+    assert run.returncode == 0, run.stderr
+    results: list[dict[str, Any]] = json.loads(run.stdout)
+    by_reference = {r["reference"]: r for r in results}
+    assert set(by_reference) == {"docker.io/library/alpine:3.19", "docker.io/library/multi:1.0",
+                                 "docker.io/library/dockerlist:1.0",
+                                 f"docker.io/library/busybox@{registry.images['docker'].digest}",
+                                 "docker.io/library/filtered:1.2.0", "docker.io/library/filtered:2.1.0"}
+    multi = by_reference["docker.io/library/multi:1.0"]
+    assert multi["digest"] == index.digest
+    assert (multi["platforms_present"], multi["platforms_missing"]) == (["linux/amd64"], ["linux/s390x"])
+    assert multi["manifests"] == [index.digest, amd64.digest], "a sparse index: the index itself and one child"
+    assert set(multi["blobs"]) == set(amd64.blobs)
+    assert by_reference["docker.io/library/dockerlist:1.0"]["platforms_present"] == ["linux/amd64", "linux/arm64"]
+    assert by_reference["docker.io/library/alpine:3.19"]["bytes_fetched"] == sum(map(len, single.blobs.values()))
+
+    # Everything listed is in the store, whole, and pinned; the platform not asked for is not.
+    other = next(c for c in index.children if c.digest != amd64.digest)
+    everything = {d for r in results for d in (*r["manifests"], *r["blobs"])}
+    assert everything <= stored(cache)
+    assert other.digest not in stored(cache) and not set(other.blobs) & stored(cache)
+    assert {d for r in results for d in r["manifests"]} <= pinned(cache)
+
+    # Again: nothing is fetched, every byte was already there.
+    counting.reset()
+    again = await asyncio.to_thread(mirror_command, "seed", "-f", listing, "--cache-dir", cache, "--json",
+                                    upstream=counting.url)
+    assert again.returncode == 0, again.stderr
+    assert all(r["bytes_fetched"] == 0 and r["bytes_cached"] > 0 for r in json.loads(again.stdout))
+    assert counting.count("GET", "blobs") == 0
+
+
+async def test_seed_dry_run_fetches_no_blob_and_pins_nothing(
+        registry: Registry, counting: Counting, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run = await asyncio.to_thread(mirror_command, "seed", "alpine:3.19", "multi:1.0", "--dry-run",
+                                  "--cache-dir", cache, upstream=counting.url)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("resolved docker.io/library/") == 2
+    assert registry.images["index"].digest in run.stdout
+    assert counting.count("GET", "blobs") == 0
+    assert pinned(cache) == set()
+
+
+async def test_seed_reports_what_failed_and_does_the_rest(
+        registry: Registry, counting: Counting, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    run = await asyncio.to_thread(mirror_command, "seed", "alpine:3.19", "alpine:no-such-tag", "--cache-dir", cache,
+                                  upstream=counting.url)
+    assert run.returncode == 1
+    assert "seeded docker.io/library/alpine:3.19" in run.stdout
+    assert "failed docker.io/library/alpine:no-such-tag" in run.stderr
+
+
+async def test_a_bad_list_is_refused_before_anything_is_fetched(counting: Counting, tmp_path: Path) -> None:
+    listing = tmp_path / "images.txt"
+    listing.write_text("alpine:3.19\nquay.io/prometheus/prometheus:v2\n")
+    run = await asyncio.to_thread(mirror_command, "seed", "-f", listing, "--cache-dir", tmp_path / "cache",
+                                  upstream=counting.url)
+    assert run.returncode == 2
+    assert "line 2: registry 'quay.io' is not a configured upstream" in run.stderr
+    assert counting.count() == 0
