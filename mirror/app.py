@@ -19,6 +19,7 @@ from aiohttp import web
 from mirror.access import ACCESS_LOG, METRICS, AccessLogger
 from mirror.config import Config
 from mirror.connections import GuardedSite
+from mirror.errors import MirrorError
 from mirror.gate import Gate
 from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
 from mirror.logs import protect as protect_logs
@@ -96,8 +97,8 @@ async def _readiness(app: web.Application) -> dict[str, str]:
                              else f"cannot write to the cache directory: {exc.strerror}")
     try:
         await services.index.ping()
-    except Exception as exc:
-        problems["index"] = f"the index does not answer: {type(exc).__name__}"
+    except MirrorError as exc:
+        problems["index"] = f"the index does not answer: {exc.message}"
     if services.index_problem is not None:
         problems["index"] = services.index_problem
     return problems

@@ -52,6 +52,11 @@ class MirrorError(Exception):
         """Response headers the error needs beside its JSON body."""
         return {}
 
+    def detached(self) -> MirrorError:
+        """The same error, new: without the traceback (and every frame and local it holds) of
+        where this one was raised, for an error remembered past its request and raised again."""
+        return type(self)(self.message, detail=self.detail)
+
 
 class NameInvalid(MirrorError):
     code, status = "NAME_INVALID", 400
@@ -89,6 +94,9 @@ class RangeInvalid(MirrorError):
     def headers(self) -> dict[str, str]:
         return {"Content-Range": f"bytes */{self.size}"}
 
+    def detached(self) -> MirrorError:
+        return RangeInvalid(self.message, self.size)
+
 
 class NameUnknown(MirrorError):
     code, status = "NAME_UNKNOWN", 404
@@ -118,6 +126,9 @@ class Unauthorized(MirrorError):
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": self.challenge}
 
+    def detached(self) -> MirrorError:
+        return Unauthorized(self.message, self.challenge)
+
 
 class Denied(MirrorError):
     code, status = "DENIED", 403
@@ -140,6 +151,9 @@ class _Retryable(MirrorError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+    def detached(self) -> MirrorError:
+        return type(self)(self.message, self.retry_after, self.detail)
 
 
 class TooManyRequests(_Retryable):

@@ -70,6 +70,9 @@ async def run_to_end(work: Coroutine[Any, Any, V]) -> V:
         except asyncio.CancelledError:
             cancelled = True
     if cancelled:
+        if (error := task.exception()) is not None:
+            # The caller is gone and will not see it: said here, or nobody would know.
+            log.warning("%s failed while its caller was being cancelled: %r", task.get_coro(), error)
         raise asyncio.CancelledError from task.exception()
     return task.result()
 

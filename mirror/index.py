@@ -123,14 +123,19 @@ class Reconciled:
 
 
 class Index:
-    def __init__(self, path: Path, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] | None = None, read_only: bool = False) -> None:
+        """`read_only`: an index file that can be read but not written (a read-only or failing
+        disk); every write then fails as a full disk's does."""
         self._path = path
+        self._read_only = read_only
         self._clock = clock or time.time
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirror-index")
         self._db: sqlite3.Connection | None = None
         # Access times wait here for `flush_access`: a hit costs no disk write.
         self._accessed: dict[str, float] = {}
         self._tags: LRUCache[tuple[str, str, str], TagRecord] = LRUCache(_REMEMBERED)
+        # Tags dropped while the database could not take it: gone all the same.
+        self._gone: LRUCache[tuple[str, str, str], bool] = LRUCache(_REMEMBERED)
         self._tag_writes = 0
         self._types: LRUCache[str, str] = LRUCache(_REMEMBERED)
         self._links: LRUCache[tuple[str, str, str], bool] = LRUCache(_REMEMBERED)
@@ -139,10 +144,20 @@ class Index:
         await self._run(self._connect)
 
     def _connect(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
+        if self._read_only:
+            db = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None)
+        else:
+            db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            if self._read_only:
+                db.execute("SELECT 1 FROM blobs LIMIT 1").fetchall()
+            else:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
         self._db = db
 
     async def close(self) -> None:
@@ -180,6 +195,8 @@ class Index:
         key = (upstream, name, tag)
         if (known := self._tags.get(key)) is not None:
             return known
+        if key in self._gone:
+            return None
         writes = self._tag_writes
 
         def query() -> TagRecord | None:
@@ -193,11 +210,12 @@ class Index:
         return record
 
     async def set_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
-        """Record a tag; if the database cannot take it, it is still remembered for as long as
-        this process runs, so a full disk does not make every request revalidate again."""
+        """Record a tag; if the database cannot take it, it is still remembered in memory (with
+        the tags recently used), so a full disk does not make every request revalidate again."""
         key = (upstream, name, tag)
         self._tag_writes += 1
         self._tags.pop(key, None)
+        self._gone.pop(key, None)
         try:
             await self._run(lambda: self.db.execute(
                 "INSERT OR REPLACE INTO tags VALUES (?, ?, ?, ?, ?)",
@@ -207,10 +225,15 @@ class Index:
             raise
 
     async def drop_tag(self, upstream: str, name: str, tag: str) -> None:
+        """Forget a tag; if the database cannot take it, the tag is gone from memory all the
+        same, so content deleted upstream is not served again from the row that stayed."""
+        key = (upstream, name, tag)
         self._tag_writes += 1
-        self._tags.pop((upstream, name, tag), None)
+        self._tags.pop(key, None)
+        self._gone[key] = True
         await self._run(lambda: self.db.execute(
-            "DELETE FROM tags WHERE upstream=? AND name=? AND tag=?", (upstream, name, tag)))
+            "DELETE FROM tags WHERE upstream=? AND name=? AND tag=?", key))
+        self._gone.pop(key, None)
 
     async def manifest_type(self, digest: Digest) -> str | None:
         if (known := self._types.get(str(digest))) is not None:
@@ -362,6 +385,11 @@ class Index:
     async def cached_tags(self, upstream: str, name: str) -> list[str]:
         return await self._run(lambda: [row[0] for row in self.db.execute(
             "SELECT tag FROM tags WHERE upstream = ? AND name = ?", (upstream, name))])
+
+    async def parents(self, digest: Digest) -> list[Digest]:
+        """The cached manifests (indexes) that reference `digest`."""
+        return await self._run(lambda: [Digest.parse(row[0]) for row in self.db.execute(
+            "SELECT parent FROM refs WHERE child = ?", (str(digest),))])
 
     async def pin(self, digest: Digest, pinned: bool = True) -> bool:
         """Keep a manifest (and so all it references) out of eviction's reach; False if it is not cached."""

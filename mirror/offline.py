@@ -23,14 +23,19 @@ Recorder = Callable[[str, str, str, str], Awaitable[None]]
 """Records a miss: (upstream, repository, reference, kind)."""
 TagLister = Callable[[str, str], Awaitable[list[str]]]
 """The cached tags of (upstream, repository)."""
+Explainer = Callable[[Digest], Awaitable[str | None]]
+"""Why a manifest digest is missing, where the cache knows (a platform an index names but that was
+not seeded or imported)."""
 
 
 class OfflineUpstream:
-    def __init__(self, config: UpstreamConfig, record: Recorder, cached_tags: TagLister, metrics: Metrics) -> None:
+    def __init__(self, config: UpstreamConfig, record: Recorder, cached_tags: TagLister, explain: Explainer,
+                 metrics: Metrics) -> None:
         self.config = config
         self.name = config.name
         self._record = record
         self._cached_tags = cached_tags
+        self._explain = explain
         self._misses = metrics.offline_misses
 
     async def head(self, kind: str, name: str, reference: str, accept: str | None = None) -> Head:
@@ -58,6 +63,12 @@ class OfflineUpstream:
             await self._record(self.name, name, reference, kind)
         except MirrorError as exc:
             log.warning("could not record the miss of %s/%s %s: %s", self.name, name, reference, exc.message)
+        detail: dict[str, object] = {"offline": True, "upstream": self.name, "name": name, "reference": reference}
+        message = f"{self.name}/{name} {reference} is not cached, and the mirror is offline"
+        platform = (await self._explain(Digest.parse(reference))
+                    if kind == "manifest" and reference.startswith("sha256:") else None)
+        if platform is not None:
+            detail["platform"] = platform
+            message += f": platform {platform} of this image was not seeded or imported"
         error = ManifestUnknown if kind == "manifest" else BlobUnknown
-        raise error(f"{self.name}/{name} {reference} is not cached, and the mirror is offline",
-                    {"offline": True, "upstream": self.name, "name": name, "reference": reference})
+        raise error(message, detail)

@@ -153,7 +153,7 @@ class Proxy:
             return cached
         key = (upstream.name, route.name, reference.tag)
         if (failed := self._failed_checks.get(key)) is not None and self._clock() - failed[0] < ttl:
-            return self._stale(upstream, cached, failed[1])
+            return self._stale(upstream, cached, failed[1].detached())
         revalidation = self._fetches.start(("revalidate", *key),
                                            lambda: self._revalidate(upstream, route.name, reference, cached))
         if route.upstream.stale_while_revalidate and not revalidation.done():
@@ -177,8 +177,7 @@ class Proxy:
         """The cached copy of a tag the upstream could not confirm, unless the upstream's policy
         is that a refusal stops it being served."""
         if isinstance(error, UpstreamRefused) and upstream.config.on_refusal == "deny":
-            # A new error each time: the remembered one is raised by every request until the next check.
-            raise UpstreamRefused(error.message, error.detail)
+            raise error
         return replace(cached, cache=CacheResult.STALE)
 
     async def _revalidate(self, upstream: Source, name: str, reference: Reference,
@@ -202,7 +201,7 @@ class Proxy:
             raise
         except _STALE_IF as exc:
             # Counts as a check: the tag is served stale until the next one is due.
-            self._failed_checks[key] = (self._clock(), exc)
+            self._failed_checks[key] = (self._clock(), exc.detached())
             logged = log.error if isinstance(exc, UpstreamRefused) else log.warning
             logged("%s/%s:%s could not be revalidated, serving the cached copy stale (policy: %s): %s", *key,
                    "deny" if isinstance(exc, UpstreamRefused) and upstream.config.on_refusal == "deny" else "stale",
@@ -225,9 +224,11 @@ class Proxy:
                               tag_it: bool) -> ManifestResult:
         absent = self._absent.get(upstream.name)
         if absent is not None and (gone := absent.get((name, str(reference)))) is not None:
-            raise type(gone)(gone.message, {"remembered_for_seconds": upstream.config.negative_ttl})
+            raise type(gone)(gone.message, detail={"remembered_for_seconds": upstream.config.negative_ttl})
         key = ("manifest", upstream.name, name, str(reference), accept)
         joined = self._fetches.running(key)
+        if not joined:
+            self._store.ensure_room()
         result = await self._fetches.run(key, lambda: self._download_manifest(upstream, name, reference, accept,
                                                                               tag_it))
         return replace(result, cache=CacheResult.JOINED) if joined else result
@@ -260,7 +261,7 @@ class Proxy:
 
     def _remember_absent(self, upstream: Source, name: str, reference: Reference, error: MirrorError) -> None:
         if (absent := self._absent.get(upstream.name)) is not None:
-            absent[(name, str(reference))] = error
+            absent[(name, str(reference))] = error.detached()
 
     @staticmethod
     async def _best_effort(write: Awaitable[None]) -> None:
@@ -292,8 +293,10 @@ class Proxy:
                 except (BlobUnknown, NameUnknown, Denied):
                     # The repository that started it was refused; this one was confirmed.
                     pass
-        fill = self.fills.active(digest) or self.fills.start(
-            digest, lambda f: self._download_blob(upstream, route.name, f))
+        fill = self.fills.active(digest)
+        if fill is None:
+            self._store.ensure_room()
+            fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
         await fill.started()
         await self._best_effort(self._index.link(upstream.name, route.name, digest))
         return StreamingBlob(fill, CacheResult.MISS)

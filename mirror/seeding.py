@@ -67,10 +67,12 @@ class Seeded:
 
 
 class Seeder:
-    def __init__(self, proxy: Proxy, index: Index, progress: Progress | None = None) -> None:
+    def __init__(self, proxy: Proxy, index: Index, progress: Progress | None = None, pin: bool = True) -> None:
+        """`pin`: keep what is seeded out of eviction's reach (an export only reads)."""
         self._proxy = proxy
         self._index = index
         self._progress = progress or (lambda _: None)
+        self._pin = pin
 
     async def expand(self, spec: ImageSpec) -> list[ImageSpec]:
         """A repository entry as the tags its filters admit; any other entry as it is."""
@@ -105,7 +107,7 @@ class Seeder:
                 await self._blobs(spec, image, seeded)
         if spec.referrers:
             await self._referrers(spec, root.digest, seeded, dry_run, REFERRER_DEPTH)
-        if not dry_run:
+        if self._pin and not dry_run:
             for digest in seeded.manifests:
                 await self._index.pin(Digest.parse(digest))
         self._progress(Event("image", str(spec)))

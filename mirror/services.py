@@ -10,11 +10,12 @@ in flight, publishes nothing partial, and lets the cache go.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,14 @@ async def open_services(config: Config, metrics: Metrics,
     if swept:
         log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
     index, index_problem = await _open_index(config.cache_dir / INDEX_FILE, clock)
-    reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
-    if reconciled.added or reconciled.removed:
-        log.info("index reconciled with the cache: %d blobs added, %d removed",
-                 reconciled.added, reconciled.removed)
+    try:
+        reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
+    except CacheWriteError as exc:
+        log.warning("could not reconcile the index with the cache: %s", exc.message)
+    else:
+        if reconciled.added or reconciled.removed:
+            log.info("index reconciled with the cache: %d blobs added, %d removed",
+                     reconciled.added, reconciled.removed)
     loop = asyncio.get_running_loop()
     periodic = [loop.create_task(_flush_access(index), name="flush access times")]
     timeouts = config.timeouts
@@ -91,7 +96,8 @@ async def open_services(config: Config, metrics: Metrics,
     if max_ages := _max_ages(config):
         periodic.append(loop.create_task(_expire(evictor, max_ages, clock or time.time), name="expire"))
     upstreams: dict[str, Source] = {
-        u.name: OfflineUpstream(u, index.record_miss, index.cached_tags, metrics) if u.offline
+        u.name: OfflineUpstream(u, index.record_miss, index.cached_tags, _platform_of(store, index), metrics)
+        if u.offline
         else Upstream(u, session, blob_session, metrics, clock or time.monotonic)
         for u in config.upstreams}
     proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
@@ -109,19 +115,47 @@ async def open_services(config: Config, metrics: Metrics,
         store.unlock()
 
 
+def _platform_of(store: BlobStore, index: Index) -> Callable[[Digest], Awaitable[str | None]]:
+    """The platform a cached index gives the manifest `digest`, for an offline miss's message."""
+    async def platform_of(digest: Digest) -> str | None:
+        for parent in await index.parents(digest):
+            body = await store.read(parent)
+            try:
+                document = json.loads(body or b"")
+            except ValueError:
+                continue
+            for descriptor in document.get("manifests", []) if isinstance(document, dict) else []:
+                if isinstance(descriptor, dict) and descriptor.get("digest") == str(digest):
+                    platform = descriptor.get("platform") or {}
+                    parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
+                    return "/".join(str(p) for p in parts if p) or None
+        return None
+    return platform_of
+
+
 async def _open_index(path: Path, clock: Callable[[], float] | None) -> tuple[Index, str | None]:
-    """The cache's index, or, where its file cannot be opened (corrupt, or on a failing disk), a
-    temporary one in memory rebuilt from the blobs as after a crash, so that the mirror still
-    serves; the file is left as it is for the operator, and the second value says why."""
+    """The cache's index; where its file cannot be written (a read-only or failing disk), the
+    same file read-only; where it cannot even be read (corrupt), a temporary index in memory
+    rebuilt from the blobs as after a crash. Either way the mirror still serves what it can, the
+    file is left as it is for the operator, and the second value says why."""
     index = Index(path, clock=clock)
     try:
         await index.open()
         return index, None
     except CacheWriteError as exc:
         await index.close()
-        problem = (f"the index file {path} cannot be opened ({exc.message}): running on a temporary index in memory "
-                   "until it is fixed or moved aside and the mirror restarted")
+        reason = exc.message
+    read_only = Index(path, clock=clock, read_only=True)
+    try:
+        await read_only.open()
+        problem = f"the index file {path} cannot be written ({reason}): serving from it read-only"
         log.error("%s", problem)
+        return read_only, problem
+    except CacheWriteError:
+        await read_only.close()
+    problem = (f"the index file {path} cannot be opened ({reason}): running on a temporary index in memory "
+               "until it is fixed or moved aside and the mirror restarted")
+    log.error("%s", problem)
     memory = Index(Path(":memory:"), clock=clock)
     await memory.open()
     return memory, problem

@@ -26,7 +26,7 @@ import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mirror.errors import CacheBusy, CacheWriteError, IntegrityError
 from mirror.oci import Digest
@@ -77,6 +77,14 @@ class BlobStore:
         with tempfile.NamedTemporaryFile(dir=self._tmp, prefix="ready-", suffix=".part"):
             pass
 
+    def ensure_room(self, size: int = 0) -> None:
+        """Raise CacheWriteError unless `size` bytes fit: asked before the upstream is, so that a
+        full disk costs no upstream pull (Docker Hub counts manifest GETs) that could not be kept."""
+        try:
+            self._check_space(size)
+        except OSError as exc:
+            raise CacheWriteError.of(exc) from exc
+
     def free_space(self) -> int:
         stat = os.statvfs(self._tmp)
         return stat.f_bavail * stat.f_frsize
@@ -111,6 +119,14 @@ class BlobStore:
         """The size of a stored blob, or None if it is not stored."""
         try:
             return os.stat(self.path(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        """A stored blob to read from (blocking reads: for commands, or a worker thread), or
+        None if it is not stored."""
+        try:
+            return open(self.path(digest), "rb", buffering=0)
         except FileNotFoundError:
             return None
 

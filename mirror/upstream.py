@@ -215,19 +215,18 @@ class Upstream:
                     headers: Mapping[str, str] | None, params: Mapping[str, str] | None = None
                     ) -> aiohttp.ClientResponse:
         """One request, past the breaker, which learns how it went."""
-        probe = self.breaker.admit()
+        ticket = self.breaker.admit()
         started = time.monotonic()
         try:
             response = await session.request(method, url, headers=headers, params=params)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self._observe(method, None, started)
-            self.breaker.failed(f"no answer: {type(exc).__name__}")
+            self.breaker.failed(ticket, f"no answer: {type(exc).__name__}")
             raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
         finally:
-            if probe:
-                self.breaker.probe_ended()
+            self.breaker.release(ticket)
         self._observe(method, response, started)
-        self.breaker.answered(response.status, response.headers)
+        self.breaker.answered(ticket, response.status, response.headers)
         return response
 
     def _observe(self, method: str, response: aiohttp.ClientResponse | None, started: float) -> None:
@@ -402,7 +401,6 @@ class Upstream:
                 if len(body) > MANIFEST_MAX_BYTES:
                     raise too_big
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self.breaker.failed(f"failed mid-{what}: {type(exc).__name__}")
             raise Unavailable(f"upstream {self.name} failed mid-{what}: {type(exc).__name__}") from exc
         return bytes(body)
 

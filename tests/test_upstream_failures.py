@@ -321,3 +321,31 @@ async def test_head_of_a_stale_tag_is_served_too(
         await settle(mirror)
     assert results == ["REVALIDATING", "STALE", "STALE"]
     assert fake.count() == 1
+
+
+async def test_once_a_request_failed_concurrent_requests_send_one_at_a_time(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession) -> None:
+    """40 clients at once, for 40 different uncached tags, just after one failure: one of them
+    goes upstream (held there), the 39 others are answered at once, and the breaker opens when
+    that one fails too. A burst of late failures does not stretch the wait."""
+    tags = [f"t{n}" for n in range(40)]
+    for n, tag in enumerate(tags):
+        add_image(fake, tag=tag, seed=n)
+    clock = Clock()
+    mirror = await make_mirror({"docker.io": fake.url}, clock=clock)
+    gate = asyncio.Event()
+    fake.failing = Forced(500, gate=gate)
+    first = asyncio.ensure_future(pull_manifest(client, mirror, NAME, "latest"))
+    gate.set()
+    assert (await first).status == 503
+    gate.clear()
+    burst = [asyncio.ensure_future(pull_manifest(client, mirror, NAME, tag)) for tag in tags]
+    async with asyncio.timeout(TIMEOUT):
+        while sum(r.done() for r in burst) < len(burst) - 1:
+            await asyncio.wait([r for r in burst if not r.done()], return_when=asyncio.FIRST_COMPLETED)
+    gate.set()
+    results = await asyncio.gather(*burst)
+    assert all(r.status == 503 for r in results)
+    assert fake.count() == 2, dict(fake.requests)
+    refused = await pull_manifest(client, mirror, NAME, "t0")
+    assert refused.headers["Retry-After"] == "1", "open for the first backoff, not doubled by the burst"
