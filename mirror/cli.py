@@ -14,7 +14,8 @@ from pathlib import Path
 
 from mirror import __version__
 from mirror.app import serve
-from mirror.config import Config, Overrides, load
+from mirror.bundle import BundleError, check_output, export, import_bundle, inventory, read_have
+from mirror.config import Config, Overrides, load, parse_size
 from mirror.errors import CacheBusy, ConfigError, MirrorError
 from mirror.imagelist import ImageSpec, from_arguments, load_list
 from mirror.index import INDEX_FILE, Miss, cached_images, recorded_misses, set_pinned
@@ -22,6 +23,7 @@ from mirror.logs import configure as configure_logs
 from mirror.routing import Router
 from mirror.seeding import seed
 from mirror.services import evict_now
+from mirror.storage import BlobStore
 
 DESCRIPTION = """\
 A pull-through caching mirror for Docker/OCI registries. Point the Docker daemon
@@ -111,6 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="add an upstream registry, or change the URL of a configured one. Repeatable.")
     seed.add_argument("--dry-run", action="store_true", help="resolve each reference; fetch no blob, pin nothing")
     seed.add_argument("--json", action="store_true", help="one JSON array of results, for scripts")
+
+    export = commands.add_parser("export", parents=[common], help="write a list of images as a bundle to carry",
+                                 description="Write every image of a list (fetching what the cache lacks) as an OCI "
+                                             "image layout with a bundle manifest: a directory, one tar (-o FILE.tar), "
+                                             "or tar volumes of a fixed size, each with its checksum. A second run "
+                                             "writes only what is missing.")
+    export.add_argument("references", nargs="*", metavar="IMAGE", help="images as users write them")
+    export.add_argument("-f", "--file", type=Path, metavar="FILE", help="an image list, as for seed")
+    export.add_argument("-o", "--output", type=Path, required=True, metavar="PATH",
+                        help="a directory, or a file ending in .tar")
+    export.add_argument("--volume-size", metavar="SIZE", help="split into tar volumes of at most SIZE (e.g. 4GiB)")
+    export.add_argument("--have", type=Path, metavar="FILE",
+                        help="the far side's `mirror inventory`: leave out the blobs it already holds")
+    export.add_argument("--upstream", action="append", default=[], metavar="[NAME=]URL",
+                        help="add an upstream registry, or change the URL of a configured one. Repeatable.")
+    export.add_argument("--json", action="store_true", help="print the bundle manifest as JSON")
+
+    load = commands.add_parser("import", parents=[common], help="verify and load a bundle into the cache",
+                               description="Verify a bundle (its volumes' checksums, every blob's digest and size) "
+                                           "and load it into the cache: blobs, then manifests, then tags, pinned. "
+                                           "Takes a bundle directory, a tar, volumes in any order, or an OCI image "
+                                           "layout written by another tool. Running it again finishes what is left.")
+    load.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    load.add_argument("--name", metavar="REPOSITORY",
+                      help="for a plain OCI layout whose annotations name no repository: e.g. docker.io/library/alpine")
+    load.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    commands.add_parser("inventory", parents=[common], help="list the digests this cache holds",
+                        description="The digests of every blob this cache holds, as JSON, for the other side's "
+                                    "`mirror export --have`. Safe to run beside a serving mirror.")
 
     misses = commands.add_parser("misses", parents=[common], help="what an offline mirror was asked for and lacked",
                                  description="The references an offline mirror could not serve, most asked first, "
@@ -229,6 +261,74 @@ def run_seed(config: Config, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def run_export(config: Config, args: argparse.Namespace) -> int:
+    try:
+        specs = _image_list(config, args.references, args.file, False)
+        volume_size = parse_size(args.volume_size, "--volume-size") if args.volume_size else None
+        check_output(args.output, volume_size)
+        have = read_have(args.have) if args.have else set()
+    except (ConfigError, BundleError) as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    if not specs:
+        print("mirror: no images: name them, or give -f FILE", file=sys.stderr)
+        return 2
+    try:
+        manifest = asyncio.run(export(config, specs, args.output, volume_size, have, quiet=args.json))
+    except CacheBusy as exc:
+        print(f"mirror: {exc}; export works on a cache no mirror is serving", file=sys.stderr)
+        return 1
+    except (BundleError, OSError) as exc:
+        print(f"mirror: export failed: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        omitted = manifest["omitted"]
+        shipped = sum(b["size"] for d, b in manifest["blobs"].items() if d not in omitted)
+        left_out = f", {len(omitted)} left out: the far side has them" if omitted else ""
+        print(f"exported {len(manifest['images'])} images, {len(manifest['blobs'])} blobs ({_human(shipped)}"
+              f"{left_out}) to {args.output} as bundle {manifest['id']}")
+    return 0
+
+
+def run_import(config: Config, args: argparse.Namespace) -> int:
+    try:
+        result = asyncio.run(import_bundle(config, args.paths, args.name, quiet=args.json))
+    except CacheBusy as exc:
+        print(f"mirror: {exc}; import works on a cache no mirror is serving", file=sys.stderr)
+        return 1
+    except BundleError as exc:
+        print(f"mirror: import refused: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mirror: import failed: {exc}; run it again to finish", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        for reference in result.images:
+            print(f"imported {reference}")
+        for reference in result.incomplete:
+            print(f"incomplete {reference}: not served until the rest of its content is imported", file=sys.stderr)
+        for problem in result.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        print(f"{result.blobs_written} blobs written ({_human(result.bytes_written)}), "
+              f"{result.blobs_present} already there")
+    return 1 if result.problems or result.incomplete else 0
+
+
+def run_inventory(config: Config) -> int:
+    try:
+        listing = inventory(BlobStore(config.cache_dir))
+    except FileNotFoundError:
+        # Said, not an empty list: a mistyped path would have the other side ship everything.
+        print(f"mirror: no cache in {config.cache_dir}", file=sys.stderr)
+        return 2
+    print(json.dumps(listing, indent=2))
+    return 0
+
+
 def _image_list(config: Config, references: Sequence[str], file: Path | None, from_misses: bool) -> list[ImageSpec]:
     specs = from_arguments(references, config)
     if file is not None:
@@ -304,6 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "seed":
         configure_logs(config.log_level, config.log_format)
         return run_seed(config, args)
+    if args.command == "export":
+        configure_logs(config.log_level, config.log_format)
+        return run_export(config, args)
+    if args.command == "import":
+        configure_logs(config.log_level, config.log_format)
+        return run_import(config, args)
+    if args.command == "inventory":
+        return run_inventory(config)
     configure_logs(config.log_level, config.log_format)
     log = logging.getLogger("mirror")
     for upstream in config.upstreams:

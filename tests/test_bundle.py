@@ -1,0 +1,354 @@
+"""Air-gapped sites end to end: `mirror export` from the real registry (a directory, a tar,
+volumes), carried over, `mirror import` into a new cache, `mirror serve --offline`, and real
+clients pulling with the source registry's digests while no upstream exists; interoperability
+with skopeo's and containerd's OCI layouts; resume after kill -9; shipping only what the far
+side lacks; and every kind of bad bundle refused by name, with nothing unverified cached."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Counting, Registry, require_binary
+from tests.support.clients import Containerd, Sandbox
+from tests.support.images import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    PushedImage,
+    digest_of,
+    host_architecture,
+    push_blob,
+    push_manifest,
+)
+from tests.support.served import Served
+from tests.support.skopeo import copy, skopeo_run
+
+MiB = 1 << 20
+ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+                    "application/vnd.docker.distribution.manifest.list.v2+json",
+                    "application/vnd.docker.distribution.manifest.v2+json"])
+LIST = """
+images:
+  - alpine:3.19
+  - ref: multi:1.0
+    platforms: [{arch}]
+  - dockerlist:1.0
+  - busybox:1.36
+  - bundle/big:v1
+"""
+
+
+def mirror(*args: str | Path, upstream: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    extra = ["--upstream", f"docker.io={upstream}"] if upstream else []
+    run = subprocess.run([sys.executable, "-m", "mirror", *map(str, args), *extra], capture_output=True, text=True,
+                         timeout=300, check=False)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def push_raw(base_url: str, name: str, tag: str, layers: list[bytes]) -> PushedImage:
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [digest_of(x) for x in layers]}}).encode()
+    blobs = {push_blob(base_url, name, blob): blob for blob in [*layers, config]}
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": digest_of(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": len(x),
+                                       "digest": digest_of(x)} for x in layers]}).encode()
+    digest = push_manifest(base_url, name, tag, manifest, OCI_MANIFEST)
+    return PushedImage(name, tag, digest, OCI_MANIFEST, manifest, blobs)
+
+
+@pytest.fixture(scope="module")
+def big(registry: Registry) -> PushedImage:
+    """An image with a 3 MiB layer: larger than a 1 MiB volume, so it travels in parts."""
+    return push_raw(registry.url, "bundle/big", "v1", [random.Random("big").randbytes(3 * MiB)])
+
+
+def image_list(tmp_path: Path) -> Path:
+    path = tmp_path / "images.yaml"
+    path.write_text(LIST.format(arch=f"linux/{host_architecture()}"))
+    return path
+
+
+async def fetch(client: aiohttp.ClientSession, url: str) -> tuple[int, bytes, dict[str, Any] | None]:
+    async with client.get(url, headers={"Accept": ACCEPT}) as response:
+        body = await response.read()
+        error = json.loads(body)["errors"][0] if response.status >= 400 else None
+        return response.status, body, error
+
+
+async def test_export_carry_import_and_serve_offline_with_the_source_digests(
+        registry: Registry, counting: Counting, big: PushedImage, skopeo: str, tmp_path: Path,
+        client: aiohttp.ClientSession) -> None:
+    listing = image_list(tmp_path)
+    bundle = tmp_path / "usb" / "bundle"
+    # In a thread: the counting window onto the registry is served by this test's event loop.
+    exported = await asyncio.to_thread(mirror, "export", "-f", listing, "-o", bundle, "--volume-size", "1MiB",
+                                       "--cache-dir", tmp_path / "connected", "--json", upstream=counting.url)
+    manifest = json.loads(exported.stdout)
+    volumes = sorted(bundle.glob("volume-*.tar"))
+    assert len(volumes) >= 4 and len(manifest["volumes"]) == len(volumes)
+    assert all(v["sha256"] == hashlib.sha256((bundle / v["file"]).read_bytes()).hexdigest()
+               for v in manifest["volumes"])
+    layer = next(d for d in big.blobs if len(big.blobs[d]) == 3 * MiB)
+    assert len(manifest["blobs"][layer]["parts"]) >= 3, "a blob larger than a volume travels in parts"
+    multi = next(i for i in manifest["images"] if i["reference"] == "docker.io/library/multi:1.0")
+    assert multi["platforms_present"] == [f"linux/{host_architecture()}"] and multi["digest"] == \
+        registry.images["index"].digest
+
+    # The far side: volumes given one by one, in any order, with the bundle manifest beside them.
+    far = tmp_path / "far"
+    imported = mirror("import", *reversed(volumes), bundle / "mirror-bundle.json", "--cache-dir", far, "--json")
+    result = json.loads(imported.stdout)
+    assert sorted(result["images"]) == sorted(i["reference"] for i in manifest["images"])
+    assert (result["incomplete"], result["problems"]) == ([], [])
+
+    counting.reset()
+    async with await Served.start("--cache-dir", far, "--upstream", f"docker.io={counting.url}",
+                                  "--offline") as offline:
+        for label, image in (("single", registry.images["single"]), ("index", registry.images["index"]),
+                             ("list", registry.images["list"]), ("docker", registry.images["docker"])):
+            status, body, _ = await fetch(client, f"{offline.url}/v2/{image.name}/manifests/{image.tag}")
+            assert (status, hashlib.sha256(body).hexdigest()) == (200, image.digest.removeprefix("sha256:")), label
+        status, body, _ = await fetch(client, f"{offline.url}/v2/{big.name}/blobs/{layer}")
+        assert (status, body) == (200, big.blobs[layer]), "the blob that travelled in parts is whole"
+        # skopeo pulls through it, digests unchanged.
+        target = tmp_path / "pulled"
+        await copy(skopeo, f"{offline.host}/library/alpine:3.19", target, False)
+        assert hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest() == \
+            registry.images["single"].digest.removeprefix("sha256:")
+        # A platform that was not shipped: a clear 404 that names it, never a rewritten index.
+        shipped = {d["digest"] for d in json.loads(registry.images["index"].manifest)["manifests"]
+                   if d["platform"]["architecture"] == host_architecture()}
+        other = next(d for d in json.loads(registry.images["index"].manifest)["manifests"]
+                     if d["digest"] not in shipped)
+        status, _, error = await fetch(client, f"{offline.url}/v2/library/multi/manifests/{other['digest']}")
+        assert status == 404 and error is not None and error["code"] == "MANIFEST_UNKNOWN"
+        assert error["detail"]["platform"] == f"linux/{other['platform']['architecture']}"
+    assert counting.count() == 0, f"the offline mirror asked its upstream: {dict(counting.requests)}"
+
+
+async def test_skopeo_and_containerd_read_what_export_writes(
+        registry: Registry, skopeo: str, sandbox: Sandbox, tmp_path: Path) -> None:
+    require_binary("ctr")
+    listing = tmp_path / "images.yaml"
+    arch = f"linux/{host_architecture()}"
+    listing.write_text(f"images:\n  - alpine:3.19\n  - busybox:1.36\n  - ref: multi:1.0\n    platforms: [{arch}]\n")
+    layout = tmp_path / "layout"
+    mirror("export", "-f", listing, "-o", layout, "--cache-dir", tmp_path / "cache", upstream=registry.url)
+    # By the OCI manifest's name: skopeo before 1.19 (containers/image 5.35) skips index.json
+    # descriptors of Docker media types when it looks a name up, so busybox is checked by containerd below.
+    copied = tmp_path / "copied"
+    await skopeo_run(skopeo, "copy", "--preserve-digests", f"oci:{layout}:docker.io/library/alpine:3.19",
+                     f"dir:{copied}")
+    assert digest_of((copied / "manifest.json").read_bytes()) == registry.images["single"].digest
+
+    archive = tmp_path / "images.tar"
+    mirror("export", "-f", listing, "-o", archive, "--cache-dir", tmp_path / "cache", upstream=registry.url)
+    async with Containerd(sandbox, tmp_path / "containerd") as containerd:
+        # multi:1.0 is a sparse index (only this platform's child shipped): --all-platforms would
+        # ask for every child, so the far side imports the platform it runs, as `ctr` does by default.
+        await containerd.ctr("images", "import", "--platform", arch, str(archive))
+        listed = (await containerd.ctr("images", "ls")).stdout
+    for image in (registry.images["single"], registry.images["docker"], registry.images["index"]):
+        assert any(image.digest in line and line.startswith(f"docker.io/{image.name}:{image.tag}")
+                   for line in listed.splitlines()), listed
+
+
+async def test_import_takes_a_layout_written_by_skopeo(
+        registry: Registry, skopeo: str, tmp_path: Path, client: aiohttp.ClientSession) -> None:
+    layout = tmp_path / "skopeo-layout"
+    index = registry.images["index"]
+    await skopeo_run(skopeo, "copy", "--all", "--preserve-digests", "--src-tls-verify=false",
+                     f"docker://{registry.host}/{index.name}:{index.tag}", f"oci:{layout}:{index.tag}")
+    refused = mirror("import", layout, "--cache-dir", tmp_path / "cache", check=False)
+    assert refused.returncode == 2 and "--name" in refused.stderr, "a bare tag names no repository"
+    mirror("import", layout, "--name", "docker.io/library/multi", "--cache-dir", tmp_path / "cache")
+    async with await Served.start("--cache-dir", tmp_path / "cache", "--upstream", "docker.io=http://127.0.0.1:9",
+                                  "--offline") as offline:
+        status, body, _ = await fetch(client, f"{offline.url}/v2/library/multi/manifests/1.0")
+        assert (status, body) == (200, index.manifest)
+        for child in index.children:
+            for digest, data in child.blobs.items():
+                assert (await fetch(client, f"{offline.url}/v2/library/multi/blobs/{digest}"))[:2] == (200, data)
+
+
+async def test_a_second_export_with_have_ships_only_what_the_far_side_lacks(
+        registry: Registry, tmp_path: Path) -> None:
+    first = tmp_path / "first.txt"
+    first.write_text("alpine:3.19\n")
+    mirror("export", "-f", first, "-o", tmp_path / "b1", "--cache-dir", tmp_path / "near", upstream=registry.url)
+    mirror("import", tmp_path / "b1", "--cache-dir", tmp_path / "far")
+    have = tmp_path / "have.json"
+    have.write_text(mirror("inventory", "--cache-dir", tmp_path / "far").stdout)
+
+    second = tmp_path / "second.txt"
+    second.write_text("alpine:3.19\nbusybox:1.36\n")
+    manifest = json.loads(mirror("export", "-f", second, "-o", tmp_path / "b2", "--have", have, "--json",
+                                 "--cache-dir", tmp_path / "near", upstream=registry.url).stdout)
+    alpine = registry.images["single"]
+    assert set(manifest["omitted"]) == {alpine.digest, *alpine.blobs}
+    written = {f"sha256:{p.name}" for p in (tmp_path / "b2" / "blobs" / "sha256").iterdir()}
+    assert written == {registry.images["docker"].digest, *registry.images["docker"].blobs}
+    result = json.loads(mirror("import", tmp_path / "b2", "--cache-dir", tmp_path / "far", "--json").stdout)
+    assert sorted(result["images"]) == ["docker.io/library/alpine:3.19", "docker.io/library/busybox:1.36"]
+
+
+async def kill_when(process: asyncio.subprocess.Process, ready: Any) -> None:
+    """SIGKILL `process` as soon as `ready()` holds (polled on the event loop, bounded)."""
+    async with asyncio.timeout(60):
+        while not ready() and process.returncode is None:
+            await asyncio.sleep(0.01)
+    if process.returncode is None:
+        process.send_signal(signal.SIGKILL)
+    await process.wait()
+
+
+async def test_export_and_import_resume_after_kill_9(registry: Registry, big: PushedImage, tmp_path: Path) -> None:
+    listing = tmp_path / "images.txt"
+    listing.write_text("bundle/big:v1\nalpine:3.19\n")
+    bundle = tmp_path / "bundle"
+    command = [sys.executable, "-m", "mirror", "export", "-f", str(listing), "-o", str(bundle), "--volume-size",
+               "1MiB", "--cache-dir", str(tmp_path / "cache"), "--upstream", f"docker.io={registry.url}"]
+    mirror(*command[3:])  # fills the cache; the bundle is then written again from scratch
+    for leftover in bundle.iterdir():
+        leftover.unlink()
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    await kill_when(process, lambda: (bundle / "volume-0002.tar").exists())
+    assert not (bundle / "mirror-bundle.json").exists(), "an interrupted export is not a bundle"
+    done_before = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}
+    assert done_before
+    mirror(*command[3:])
+    after = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}
+    assert all(after[name] == inode for name, inode in done_before.items()), "a finished volume was written again"
+    assert not list(bundle.glob(".*.partial"))
+    mirror(*command[3:])
+    again = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}
+    assert again == after, "a finished bundle was written again"
+
+    far = tmp_path / "far"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mirror", "import", str(bundle), "--cache-dir", str(far),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    blobs = far / "blobs" / "sha256"
+    await kill_when(process, lambda: blobs.exists() and len(list(blobs.glob("*/*"))) >= 2)
+    result = json.loads(mirror("import", bundle, "--cache-dir", far, "--json").stdout)
+    assert sorted(result["images"]) == ["docker.io/bundle/big:v1", "docker.io/library/alpine:3.19"]
+    assert result["blobs_present"] >= 1, "what the killed import wrote was kept, not written again"
+
+
+@pytest.fixture
+def exported(registry: Registry, tmp_path: Path) -> Path:
+    listing = tmp_path / "images.txt"
+    listing.write_text("alpine:3.19\nbusybox:1.36\n")
+    bundle = tmp_path / "bundle"
+    mirror("export", "-f", listing, "-o", bundle, "--volume-size", "1MiB", "--cache-dir", tmp_path / "near",
+           upstream=registry.url)
+    return bundle
+
+
+def cache_files(cache: Path) -> set[str]:
+    return {str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()} if cache.exists() else set()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "emptied"])
+def test_a_corrupted_volume_is_named_and_the_rest_still_imports(exported: Path, registry: Registry,
+                                                               tmp_path: Path, damage: str) -> None:
+    volumes = sorted(exported.glob("volume-*.tar"))
+    manifest = json.loads((exported / "mirror-bundle.json").read_text())
+    busybox = registry.images["docker"]
+    bad = next(v for v in volumes if any(manifest["blobs"][d].get("volume") == int(v.stem[-4:])
+                                         for d in busybox.blobs))
+    data = bytearray(bad.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 3] ^= 0xFF
+    else:
+        del data[len(data) // 2 if damage == "truncated" else 0:]
+    bad.write_bytes(bytes(data))
+    run = mirror("import", exported, "--cache-dir", tmp_path / "far", "--json", check=False)
+    assert run.returncode == 1
+    result = json.loads(run.stdout)
+    assert any(bad.name in problem and "checksum" in problem for problem in result["problems"])
+    assert "docker.io/library/busybox:1.36" in result["incomplete"]
+    if "docker.io/library/alpine:3.19" not in result["incomplete"]:
+        assert "docker.io/library/alpine:3.19" in result["images"]
+    db = sqlite_tags(tmp_path / "far")
+    assert ("library/busybox", "1.36") not in db, "a tag never names missing content"
+
+
+def sqlite_tags(cache: Path) -> set[tuple[str, str]]:
+    db = sqlite3.connect(cache / "index.db")
+    try:
+        return {(n, t) for n, t in db.execute("SELECT name, tag FROM tags")}
+    finally:
+        db.close()
+
+
+def evil_tar(path: Path, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"evil") -> None:
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        if kind == tarfile.SYMTYPE:
+            info.linkname = "/etc/passwd"
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("/etc/evil", tarfile.REGTYPE), ("../../evil", tarfile.REGTYPE), ("blobs/sha256/../../../evil", tarfile.REGTYPE),
+    (f"blobs/sha256/{'a' * 64}", tarfile.SYMTYPE), ("dev", tarfile.CHRTYPE), ("index.json", tarfile.LNKTYPE),
+])
+def test_hostile_tar_entries_are_refused_by_name(name: str, kind: bytes, tmp_path: Path) -> None:
+    archive = tmp_path / "evil.tar"
+    evil_tar(archive, name, kind)
+    run = mirror("import", archive, "--cache-dir", tmp_path / "cache", check=False)
+    assert run.returncode == 2 and repr(name) in run.stderr and "refused" in run.stderr
+    assert not (tmp_path / "evil").exists() and not Path("/etc/evil").exists()
+    assert not {f for f in cache_files(tmp_path / "cache") if f.startswith("blobs")}
+
+
+def test_blobs_that_lie_are_not_imported(exported: Path, tmp_path: Path) -> None:
+    """A bundle manifest that lies about a size, and a blob whose bytes are not its digest."""
+    manifest = json.loads((exported / "mirror-bundle.json").read_text())
+    victim = max(manifest["blobs"], key=lambda d: manifest["blobs"][d]["size"])
+    manifest["blobs"][victim]["size"] += 1
+    (exported / "mirror-bundle.json").write_text(json.dumps(manifest))
+    run = mirror("import", exported, "--cache-dir", tmp_path / "far", "--json", check=False)
+    assert run.returncode == 1
+    result = json.loads(run.stdout)
+    assert any(victim in p and "bundle says" in p for p in result["problems"])
+    assert f"blobs/sha256/{victim[7:9]}/{victim[7:]}" not in cache_files(tmp_path / "far")
+
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": []}))
+    wrong = layout / "blobs" / "sha256" / ("f" * 64)
+    wrong.write_bytes(b"not what the name says")
+    run = mirror("import", layout, "--cache-dir", tmp_path / "other", "--json", check=False)
+    assert run.returncode == 1 and "digest" in run.stdout
+    assert not {f for f in cache_files(tmp_path / "other") if f.startswith("blobs/sha256/ff")}
+
+
+def test_a_missing_volume_is_named(exported: Path, tmp_path: Path) -> None:
+    volumes = sorted(exported.glob("volume-*.tar"))
+    os.unlink(volumes[-1])
+    run = mirror("import", exported, "--cache-dir", tmp_path / "far", "--json", check=False)
+    assert run.returncode == 1
+    assert any(volumes[-1].name in p and "missing" in p for p in json.loads(run.stdout)["problems"])
