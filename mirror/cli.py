@@ -245,6 +245,8 @@ def run_seed(config: Config, args: argparse.Namespace) -> int:
     except CacheBusy as exc:
         print(f"mirror: {exc}; seed works on a cache no mirror is serving", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted("seed")
     if args.json:
         print(json.dumps([dataclasses.asdict(s) for s in done]
                          + [{"reference": str(spec), "error": error.message} for spec, error in failed], indent=2))
@@ -278,6 +280,8 @@ def run_export(config: Config, args: argparse.Namespace) -> int:
     except CacheBusy as exc:
         print(f"mirror: {exc}; export works on a cache no mirror is serving", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted("export")
     except (BundleError, OSError) as exc:
         print(f"mirror: export failed: {exc}", file=sys.stderr)
         return 1
@@ -298,6 +302,8 @@ def run_import(config: Config, args: argparse.Namespace) -> int:
     except CacheBusy as exc:
         print(f"mirror: {exc}; import works on a cache no mirror is serving", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted("import")
     except BundleError as exc:
         print(f"mirror: import refused: {exc}", file=sys.stderr)
         return 2
@@ -327,6 +333,14 @@ def run_inventory(config: Config) -> int:
         return 2
     print(json.dumps(listing, indent=2))
     return 0
+
+
+def _interrupted(what: str) -> int:
+    """Ctrl-C: what was whole is kept (nothing partial is ever published); the same command
+    finishes the job."""
+    print(f"mirror: {what} interrupted; what was done is kept: run the same command again to finish",
+          file=sys.stderr)
+    return 130
 
 
 def _image_list(config: Config, references: Sequence[str], file: Path | None, from_misses: bool) -> list[ImageSpec]:

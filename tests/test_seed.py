@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Counting, Registry
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import push_image, random_layer
+from tests.support.pulls import NAME, add_image
 
 
 def mirror_command(*args: str | Path, upstream: str) -> subprocess.CompletedProcess[str]:
@@ -118,3 +122,35 @@ async def test_a_bad_list_is_refused_before_anything_is_fetched(counting: Counti
     assert run.returncode == 2
     assert "line 2: registry 'quay.io' is not a configured upstream" in run.stderr
     assert counting.count() == 0
+
+
+async def test_ctrl_c_keeps_what_was_whole_and_the_same_command_finishes(
+        fake: FakeUpstream, tmp_path: Path) -> None:
+    layers = [random.Random(n).randbytes(256 * 1024) for n in range(3)]
+    image = add_image(fake, NAME, layers=layers)
+    held = asyncio.Event()
+    fake.gates[image.layers[2]] = (128 * 1024, held)
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "mirror", "seed", f"{NAME}:latest", "--cache-dir", str(cache),
+               "--upstream", f"docker.io={fake.url}"]
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    def half_way() -> bool:
+        return any(p.stat().st_size for p in (cache / "tmp").glob("*.part"))
+
+    async with asyncio.timeout(60):
+        # Interrupted while the last layer is held half-way: its temp file is there, growing.
+        while not half_way():
+            await asyncio.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, err = await process.communicate()
+    assert process.returncode == 130, err.decode()[-2000:]
+    assert "run the same command again" in err.decode()
+    assert stored(cache) == {image.digest, image.config, *image.layers[:2]}, "only whole blobs, nothing partial"
+    held.set()
+    before = fake.count("GET", "blobs")
+    run = await asyncio.to_thread(mirror_command, "seed", f"{NAME}:latest", "--cache-dir", cache, "--json",
+                                  upstream=fake.url)
+    assert run.returncode == 0, run.stderr
+    assert stored(cache) >= {image.digest, image.config, *image.layers}
+    assert fake.count("GET", "blobs") == before + 1, "only the interrupted layer was fetched again"
