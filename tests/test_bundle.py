@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Counting, Registry, require_binary
-from tests.support.clients import Containerd, Sandbox
+from tests.support.clients import Containerd, DockerDaemon, Podman, Sandbox
 from tests.support.images import (
     OCI_CONFIG,
     OCI_MANIFEST,
@@ -36,6 +36,7 @@ from tests.support.images import (
 )
 from tests.support.served import Served
 from tests.support.skopeo import copy, skopeo_run
+from tests.support.snippets import snippet
 
 MiB = 1 << 20
 ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
@@ -352,3 +353,48 @@ def test_a_missing_volume_is_named(exported: Path, tmp_path: Path) -> None:
     run = mirror("import", exported, "--cache-dir", tmp_path / "far", "--json", check=False)
     assert run.returncode == 1
     assert any(volumes[-1].name in p and "missing" in p for p in json.loads(run.stdout)["problems"])
+
+
+async def test_docker_containerd_and_podman_pull_an_imported_bundle_from_an_offline_mirror(
+        registry: Registry, counting: Counting, sandbox: Sandbox, tmp_path: Path) -> None:
+    """The far side has no upstream at all: the clients get every shipped image, for their
+    platform, with the source registry's digests."""
+    for binary in ("dockerd", "docker", "containerd", "ctr", "podman"):
+        require_binary(binary)
+    listing = tmp_path / "images.yaml"
+    listing.write_text(LIST.format(arch=f"linux/{host_architecture()}").replace("  - bundle/big:v1\n", "")
+                       + "  - quay.io/team/app:v1\n")
+    bundle = tmp_path / "bundle"
+    mirror("export", "-f", listing, "-o", bundle, "--volume-size", "1MiB", "--cache-dir", tmp_path / "near",
+           "--upstream", f"quay.io={registry.url}", upstream=registry.url)
+    far = tmp_path / "far"
+    mirror("import", bundle, "--cache-dir", far)
+    pulls = [("docker.io/library/alpine:3.19", "single"), ("docker.io/library/multi:1.0", "index"),
+             ("docker.io/library/dockerlist:1.0", "list"), ("docker.io/library/busybox:1.36", "docker"),
+             ("quay.io/team/app:v1", "team")]
+    async with await Served.start("--cache-dir", far, "--upstream", f"docker.io={counting.url}",
+                                  "--upstream", f"quay.io={counting.url}", "--offline") as offline:
+        async with DockerDaemon(sandbox, tmp_path / "docker", snippet("docker/daemon.json", offline.host)) as docker:
+            for reference, label in pulls[:4]:
+                await docker.docker("pull", reference)
+                digests = (await docker.inspect(reference))["RepoDigests"]
+                assert isinstance(digests, list) and any(d.endswith(f"@{registry.images[label].digest}")
+                                                         for d in digests), (reference, digests)
+        hosts = tmp_path / "certs.d"
+        for host in ("docker.io", "quay.io"):
+            (hosts / host).mkdir(parents=True)
+            (hosts / host / "hosts.toml").write_text(snippet(f"containerd/{host}/hosts.toml", offline.host))
+        async with Containerd(sandbox, tmp_path / "containerd") as containerd:
+            for reference, _ in pulls:
+                await containerd.pull(reference, hosts)
+            listed = (await containerd.ctr("images", "ls")).stdout.splitlines()
+        for reference, label in pulls:
+            assert any(line.split()[:1] == [reference] and registry.images[label].digest in line
+                       for line in listed), (reference, listed)
+        conf = tmp_path / "registries.conf"
+        conf.write_text(snippet("containers/registries.conf", offline.host))
+        async with Podman(sandbox, tmp_path / "podman", conf) as podman:
+            for reference, label in pulls:
+                await podman.podman("pull", reference)
+                assert (await podman.inspect(reference))["Digest"] == registry.images[label].digest
+    assert counting.count() == 0, f"the offline mirror asked an upstream: {dict(counting.requests)}"
