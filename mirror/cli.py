@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mirror import __version__
-from mirror.app import serve
 from mirror.bundle import BundleError, check_output, export, import_bundle, inventory, read_have
 from mirror.config import Config, Overrides, load, parse_size
 from mirror.errors import CacheBusy, ConfigError, MirrorError
@@ -439,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("metrics and health on http://%s:%d", *config.metrics_listen)
 
     try:
+        # Imported here: the HTTP server is not needed by the commands that only open the cache.
+        from mirror.app import serve
+
         asyncio.run(serve(config, ready))
     except CacheBusy as exc:
         print(f"mirror: {exc}", file=sys.stderr)
