@@ -52,7 +52,7 @@ from mirror.errors import ConfigError, IntegrityError, MirrorError
 from mirror.imagelist import ImageSpec, parse_reference
 from mirror.index import TagRecord
 from mirror.metrics import Metrics
-from mirror.oci import Digest, manifest_media_type, manifest_references
+from mirror.oci import Digest, manifest_media_type, manifest_references, parse_tag
 from mirror.progress import Reporter
 from mirror.seeding import Event, Seeded, Seeder, seed_all
 from mirror.services import Services, open_services
@@ -170,7 +170,7 @@ def _image_record(config: Config, image: Seeded) -> dict[str, Any]:
     return {"reference": image.reference, "upstream": upstream, "name": name, "tag": tag, "digest": image.digest,
             "media_type": image.media_type, "manifests": image.manifests, "blobs": sorted(image.blobs),
             "platforms_present": image.platforms_present, "platforms_missing": image.platforms_missing,
-            "referrers": image.referrers}
+            "referrers": image.referrers, "referrer_tags": image.referrer_tags}
 
 
 def _layout_index(manifest: dict[str, Any], store: BlobStore) -> bytes:
@@ -470,6 +470,7 @@ class _Image:
     manifests: list[str]
     blobs: list[str]
     reference: str
+    referrer_tags: dict[str, str] = field(default_factory=dict)
 
 
 async def import_bundle(config: Config, paths: Sequence[Path], name: str | None = None,
@@ -571,6 +572,14 @@ class _Sources:
             if not (isinstance(image, dict) and all(isinstance(image.get(k), str) for k in _IMAGE_STRINGS)
                     and all(isinstance(image.get(k), list) for k in ("manifests", "blobs"))):
                 raise BundleError(f"{where}: a malformed image entry: {str(image)[:80]!r}")
+            try:
+                for tag, digest in (image.get("referrer_tags") or {}).items():
+                    parse_tag(str(tag))
+                    Digest.parse(str(digest))
+                if image.get("tag") is not None:
+                    parse_tag(str(image["tag"]))
+            except (MirrorError, AttributeError):
+                raise BundleError(f"{where}: image {image['reference'][:80]!r} has a malformed tag") from None
         self.bundle = document
 
     def _tar_metadata(self, path: Path) -> None:
@@ -597,7 +606,8 @@ class _Sources:
     def images(self, config: Config, name: str | None) -> list[_Image]:
         if self.bundle is not None:
             return [_Image(str(i["upstream"]), str(i["name"]), i.get("tag"), str(i["digest"]),
-                           [str(m) for m in i["manifests"]], [str(b) for b in i["blobs"]], str(i["reference"]))
+                           [str(m) for m in i["manifests"]], [str(b) for b in i["blobs"]], str(i["reference"]),
+                           {str(t): str(d) for t, d in (i.get("referrer_tags") or {}).items()})
                     for i in self.bundle["images"]]
         assert self.layout_index is not None
         return [_layout_image(config, descriptor, name) for descriptor in self.layout_index.get("manifests", [])]
@@ -786,9 +796,10 @@ async def _record(services: Services, sources: _Sources, images: list[_Image], r
             await index.add_manifest(image.upstream, image.name, Digest.parse(digest), media_type,
                                      manifest_references(body))
         else:
-            if image.tag is not None:
-                await index.set_tag(image.upstream, image.name, image.tag,
-                                    TagRecord(Digest.parse(image.digest), time.time()))
+            tags = {**image.referrer_tags, **({image.tag: image.digest} if image.tag is not None else {})}
+            for tag, digest in tags.items():
+                await index.set_tag(image.upstream, image.name, parse_tag(tag), TagRecord(Digest.parse(digest),
+                                                                                       time.time()))
             for digest in manifests:
                 await index.pin(Digest.parse(digest))
             result.images.append(image.reference)

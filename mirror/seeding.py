@@ -62,6 +62,9 @@ class Seeded:
     blobs: dict[str, int] = field(default_factory=dict)
     """Every config and layer, with its size."""
     referrers: list[str] = field(default_factory=list)
+    referrer_tags: dict[str, str] = field(default_factory=dict)
+    """The tags the referrers were found under (`sha256-<hex>.sig` ...), with their digests: an
+    offline mirror serves them by these tags, as clients look them up."""
     bytes_fetched: int = 0
     bytes_cached: int = 0
 
@@ -164,6 +167,7 @@ class Seeder:
                 found = await self._manifest(spec, Reference(tag=candidate))
             except (ManifestUnknown, NameUnknown):
                 continue
+            seeded.referrer_tags[candidate] = str(found.digest)
             attached = [found]
             if found.media_type in INDEX_TYPES and candidate == tag:
                 # The referrers index of the fallback scheme: each entry is a referrer manifest.

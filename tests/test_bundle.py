@@ -398,3 +398,57 @@ async def test_docker_containerd_and_podman_pull_an_imported_bundle_from_an_offl
                 await podman.podman("pull", reference)
                 assert (await podman.inspect(reference))["Digest"] == registry.images[label].digest
     assert counting.count() == 0, f"the offline mirror asked an upstream: {dict(counting.requests)}"
+
+
+def push_artifact(base_url: str, name: str, tag: str, payload: bytes, artifact_type: str,
+                  subject: dict[str, Any] | None = None) -> tuple[str, bytes]:
+    """An OCI artifact (a signature, an SBOM) pushed under `tag`: its digest and manifest."""
+    config = b"{}"
+    push_blob(base_url, name, config)
+    push_blob(base_url, name, payload)
+    document: dict[str, Any] = {
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact_type,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2, "digest": digest_of(config)},
+        "layers": [{"mediaType": artifact_type, "size": len(payload), "digest": digest_of(payload)}]}
+    if subject is not None:
+        document["subject"] = subject
+    manifest = json.dumps(document).encode()
+    return push_manifest(base_url, name, tag, manifest, OCI_MANIFEST), manifest
+
+
+async def test_referrers_travel_with_their_image_and_are_served_offline_by_their_tags(
+        registry: Registry, tmp_path: Path, client: aiohttp.ClientSession) -> None:
+    """A cosign signature (`sha256-<hex>.sig`), an SBOM listed in the fallback referrers index
+    (`sha256-<hex>`), and the SBOM's own signature: seeded, exported, imported and served
+    offline under the tags clients look them up by."""
+    image = push_raw(registry.url, "bundle/signed", "v1", [random.Random("signed").randbytes(4096)])
+    image_hex = image.digest.removeprefix("sha256:")
+    signature, signature_body = push_artifact(registry.url, image.name, f"sha256-{image_hex}.sig",
+                                              b'{"critical": "simple signing"}',
+                                              "application/vnd.dev.cosign.simplesigning.v1+json")
+    sbom, sbom_body = push_artifact(registry.url, image.name, "sbom", b'{"spdxVersion": "SPDX-2.3"}',
+                                    "application/spdx+json",
+                                    {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)})
+    referrers_index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                  "manifests": [{"mediaType": OCI_MANIFEST, "digest": sbom, "size": len(sbom_body),
+                                                 "artifactType": "application/spdx+json"}]}).encode()
+    push_manifest(registry.url, image.name, f"sha256-{image_hex}", referrers_index,
+                  "application/vnd.oci.image.index.v1+json")
+    sbom_signature, _ = push_artifact(registry.url, image.name, f"sha256-{sbom.removeprefix('sha256:')}.sig",
+                                      b'{"critical": "signs the sbom"}',
+                                      "application/vnd.dev.cosign.simplesigning.v1+json")
+    listing = tmp_path / "images.yaml"
+    listing.write_text("images:\n  - {ref: 'bundle/signed:v1', referrers: true}\n")
+    manifest = json.loads(mirror("export", "-f", listing, "-o", tmp_path / "bundle", "--json", "--cache-dir",
+                                 tmp_path / "near", upstream=registry.url).stdout)
+    assert set(manifest["images"][0]["referrers"]) == {signature, sbom, sbom_signature}
+    mirror("import", tmp_path / "bundle", "--cache-dir", tmp_path / "far")
+    async with await Served.start("--cache-dir", tmp_path / "far", "--upstream", "docker.io=http://127.0.0.1:9",
+                                  "--offline") as offline:
+        base = f"{offline.url}/v2/{image.name}/manifests"
+        assert (await fetch(client, f"{base}/sha256-{image_hex}.sig"))[:2] == (200, signature_body)
+        status, body, _ = await fetch(client, f"{base}/sha256-{image_hex}")
+        assert (status, body) == (200, referrers_index)
+        assert (await fetch(client, f"{base}/{sbom}"))[:2] == (200, sbom_body)
+        status, _, _ = await fetch(client, f"{base}/sha256-{sbom.removeprefix('sha256:')}.sig")
+        assert status == 200, "the signature of the SBOM came along too"
