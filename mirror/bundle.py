@@ -54,7 +54,7 @@ from mirror.index import TagRecord
 from mirror.metrics import Metrics
 from mirror.oci import Digest, manifest_media_type, manifest_references, parse_tag
 from mirror.progress import Reporter
-from mirror.seeding import Event, Seeded, Seeder, seed_all
+from mirror.seeding import CacheFetcher, Event, Seeded, Seeder, seed_all
 from mirror.services import Services, open_services
 from mirror.storage import BlobStore
 
@@ -109,7 +109,7 @@ async def export(config: Config, specs: Sequence[ImageSpec], output: Path, volum
     check_output(output, volume_size)
     async with open_services(config, Metrics()) as services:
         with Reporter("fetching", len(specs), quiet) as reporter:
-            seeder = Seeder(services.proxy, services.index, _progress(reporter), pin=False)
+            seeder = Seeder(CacheFetcher(services.proxy, services.index), _progress(reporter), pin=False)
             images, failed = await seed_all(seeder, list(specs), False, lambda _: None)
         if failed:
             raise BundleError("; ".join(f"{spec} ({spec.source}): {error.message}" for spec, error in failed))

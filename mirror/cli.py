@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the references an offline mirror on this cache could not serve (mirror misses)")
     seed.add_argument("--upstream", action="append", default=[], metavar="[NAME=]URL",
                       help="add an upstream registry, or change the URL of a configured one. Repeatable.")
+    seed.add_argument("--server", metavar="URL",
+                      help="seed a running mirror through its own /v2 API (to pre-warm it before a rollout), "
+                           "instead of a cache directory; what it caches this way is not pinned")
     seed.add_argument("--dry-run", action="store_true", help="resolve each reference; fetch no blob, pin nothing")
     seed.add_argument("--json", action="store_true", help="one JSON array of results, for scripts")
 
@@ -232,7 +235,7 @@ def list_cached(config: Config, as_json: bool) -> int:
 
 def run_seed(config: Config, args: argparse.Namespace) -> int:
     try:
-        specs = _image_list(config, args.references, args.file, args.from_misses)
+        specs = _image_list(config, args.references, args.file, args.from_misses, any_registry=bool(args.server))
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
@@ -240,7 +243,7 @@ def run_seed(config: Config, args: argparse.Namespace) -> int:
         print("mirror: no images: name them, or give -f FILE or --from-misses", file=sys.stderr)
         return 2
     try:
-        done, failed = asyncio.run(seed(config, specs, args.dry_run, quiet=args.json))
+        done, failed = asyncio.run(seed(config, specs, args.dry_run, quiet=args.json, server=args.server))
     except CacheBusy as exc:
         print(f"mirror: {exc}; seed works on a cache no mirror is serving", file=sys.stderr)
         return 1
@@ -342,14 +345,15 @@ def _interrupted(what: str) -> int:
     return 130
 
 
-def _image_list(config: Config, references: Sequence[str], file: Path | None, from_misses: bool) -> list[ImageSpec]:
-    specs = from_arguments(references, config)
+def _image_list(config: Config, references: Sequence[str], file: Path | None, from_misses: bool,
+                any_registry: bool = False) -> list[ImageSpec]:
+    specs = from_arguments(references, config, any_registry)
     if file is not None:
         try:
             text = file.read_text()
         except OSError as exc:
             raise ConfigError(f"{file}: {exc.strerror}") from None
-        specs += load_list(text, config)
+        specs += load_list(text, config, any_registry)
     if from_misses:
         database = config.cache_dir / INDEX_FILE
         misses = recorded_misses(database) if database.exists() else []

@@ -101,7 +101,8 @@ class ImageSpec:
         return f"{self.upstream.name}/{self.name}{reference}"
 
 
-def parse_reference(text: str, config: Config, source: str) -> tuple[UpstreamConfig, str, Reference | None]:
+def parse_reference(text: str, config: Config, source: str,
+                    any_registry: bool = False) -> tuple[UpstreamConfig, str, Reference | None]:
     """(upstream, repository name, reference) of a reference as users write it; the reference
     is None for a bare repository, which means `latest` where a tag is wanted."""
     text = text.strip()
@@ -111,7 +112,7 @@ def parse_reference(text: str, config: Config, source: str) -> tuple[UpstreamCon
         digest = Digest.parse(digest_text)
     first, slash, rest = text.partition("/")
     if slash and (_REGISTRY_RE.fullmatch(first) or _configured(config, first)):
-        upstream = _upstream(config, first, source)
+        upstream = _upstream(config, first, source, any_registry)
         path = rest
     else:
         upstream = config.upstream(config.default_upstream)
@@ -132,14 +133,18 @@ def _configured(config: Config, registry: str) -> UpstreamConfig | None:
     return None
 
 
-def _upstream(config: Config, registry: str, source: str) -> UpstreamConfig:
+def _upstream(config: Config, registry: str, source: str, any_registry: bool) -> UpstreamConfig:
+    """The configured upstream `registry` names; with `any_registry` (a list for another mirror,
+    which knows its own upstreams), any registry host."""
     if (upstream := _configured(config, registry)) is not None:
         return upstream
+    if any_registry:
+        return UpstreamConfig(name=registry, url=f"https://{registry}")
     raise ConfigError(f"{source}: registry {registry!r} is not a configured upstream "
                       f"(configured: {', '.join(u.name for u in config.upstreams)})")
 
 
-def load_list(text: str, config: Config) -> list[ImageSpec]:
+def load_list(text: str, config: Config, any_registry: bool = False) -> list[ImageSpec]:
     """The image list in `text`, plain or YAML."""
     try:
         document = yaml.safe_load(text)
@@ -148,23 +153,23 @@ def load_list(text: str, config: Config) -> list[ImageSpec]:
     if isinstance(document, dict) and "images" in document:
         document = document["images"]
     if isinstance(document, list):
-        return [_entry(item, f"images[{i}]", config) for i, item in enumerate(document)]
+        return [_entry(item, f"images[{i}]", config, any_registry) for i, item in enumerate(document)]
     specs = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if line:
-            specs.append(_entry(line, f"line {number}", config))
+            specs.append(_entry(line, f"line {number}", config, any_registry))
     return specs
 
 
-def from_arguments(references: Sequence[str], config: Config) -> list[ImageSpec]:
-    return [_entry(r, f"argument {r!r}", config) for r in references]
+def from_arguments(references: Sequence[str], config: Config, any_registry: bool = False) -> list[ImageSpec]:
+    return [_entry(r, f"argument {r!r}", config, any_registry) for r in references]
 
 
-def _entry(item: object, source: str, config: Config) -> ImageSpec:
+def _entry(item: object, source: str, config: Config, any_registry: bool) -> ImageSpec:
     try:
         if isinstance(item, str):
-            upstream, name, reference = parse_reference(item, config, source)
+            upstream, name, reference = parse_reference(item, config, source, any_registry)
             return ImageSpec(source, upstream, name, reference or Reference(tag="latest"))
         if not isinstance(item, dict):
             raise ConfigError(f"{source}: expected a reference or a mapping, got {type(item).__name__}")
@@ -179,9 +184,10 @@ def _entry(item: object, source: str, config: Config) -> ImageSpec:
         if not isinstance(referrers, bool):
             raise ConfigError(f"{source}.referrers: expected true or false")
         if "ref" in item:
-            upstream, name, reference = parse_reference(str(item["ref"]), config, f"{source}.ref")
+            upstream, name, reference = parse_reference(str(item["ref"]), config, f"{source}.ref", any_registry)
             return ImageSpec(source, upstream, name, reference or Reference(tag="latest"), platforms, referrers)
-        upstream, name, reference = parse_reference(str(item["repository"]), config, f"{source}.repository")
+        upstream, name, reference = parse_reference(str(item["repository"]), config, f"{source}.repository",
+                                                    any_registry)
         if reference is not None:
             raise ConfigError(f"{source}.repository: a repository has no tag or digest; use ref for one image")
         return ImageSpec(source, upstream, name, None, platforms, referrers, _tag_filter(item.get("tags"), source))

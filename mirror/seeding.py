@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
 
 from mirror.config import Config
 from mirror.errors import ManifestUnknown, MirrorError, NameUnknown
@@ -23,6 +26,7 @@ from mirror.metrics import Metrics
 from mirror.oci import DOCKER_MANIFEST_LIST, MANIFEST_MEDIA_TYPES, OCI_INDEX, Digest, Reference, parse_tag
 from mirror.progress import Reporter
 from mirror.proxy import CachedBlob, ManifestResult, Proxy
+from mirror.remote import ServerFetcher
 from mirror.routing import Endpoint, Route
 from mirror.services import open_services
 
@@ -67,13 +71,48 @@ class Seeded:
     offline mirror serves them by these tags, as clients look them up."""
     bytes_fetched: int = 0
     bytes_cached: int = 0
+    pinned: bool = False
+
+
+class Fetcher(Protocol):
+    """Where seeding gets images from: the cache's own proxy, or a running mirror's /v2 API."""
+
+    async def manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult: ...
+    async def blob(self, spec: ImageSpec, digest: Digest) -> tuple[int, bool]:
+        """The blob's size once it is in the cache, and whether it had to be fetched for that."""
+    async def tags(self, spec: ImageSpec, query: Mapping[str, str]) -> tuple[bytes, str | None]: ...
+    async def pin(self, digest: Digest) -> bool: ...
+
+
+class CacheFetcher:
+    """The proxy of a cache this process opened: its single-flight downloads and verified writes."""
+
+    def __init__(self, proxy: Proxy, index: Index) -> None:
+        self._proxy = proxy
+        self._index = index
+
+    async def manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
+        return await self._proxy.manifest(Route(spec.upstream, spec.name, Endpoint.MANIFEST, reference), ACCEPT_ALL)
+
+    async def blob(self, spec: ImageSpec, digest: Digest) -> tuple[int, bool]:
+        blob = await self._proxy.blob(Route(spec.upstream, spec.name, Endpoint.BLOB, Reference(digest=digest)))
+        if isinstance(blob, CachedBlob):
+            self._proxy.done_reading(blob)
+            return blob.size, False
+        await blob.fill.published()
+        return blob.fill.written, True
+
+    async def tags(self, spec: ImageSpec, query: Mapping[str, str]) -> tuple[bytes, str | None]:
+        return await self._proxy.tags(Route(spec.upstream, spec.name, Endpoint.TAGS), query)
+
+    async def pin(self, digest: Digest) -> bool:
+        return await self._index.pin(digest)
 
 
 class Seeder:
-    def __init__(self, proxy: Proxy, index: Index, progress: Progress | None = None, pin: bool = True) -> None:
+    def __init__(self, fetcher: Fetcher, progress: Progress | None = None, pin: bool = True) -> None:
         """`pin`: keep what is seeded out of eviction's reach (an export only reads)."""
-        self._proxy = proxy
-        self._index = index
+        self._fetcher = fetcher
         self._progress = progress or (lambda _: None)
         self._pin = pin
 
@@ -82,11 +121,10 @@ class Seeder:
         if spec.reference is not None:
             return [spec]
         assert spec.tags is not None
-        route = Route(spec.upstream, spec.name, Endpoint.TAGS)
         tags: list[str] = []
         query: dict[str, str] = {"n": str(TAG_PAGE)}
         while True:
-            body, link = await self._proxy.tags(route, query)
+            body, link = await self._fetcher.tags(spec, query)
             page = json.loads(body).get("tags") or []
             tags += [t for t in page if isinstance(t, str)]
             if not link or not page:
@@ -111,13 +149,13 @@ class Seeder:
         if spec.referrers:
             await self._referrers(spec, root.digest, seeded, dry_run, REFERRER_DEPTH)
         if self._pin and not dry_run:
-            for digest in seeded.manifests:
-                await self._index.pin(Digest.parse(digest))
+            pinned = [await self._fetcher.pin(Digest.parse(digest)) for digest in seeded.manifests]
+            seeded.pinned = all(pinned)
         self._progress(Event("image", str(spec)))
         return seeded
 
     async def _manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
-        return await self._proxy.manifest(Route(spec.upstream, spec.name, Endpoint.MANIFEST, reference), ACCEPT_ALL)
+        return await self._fetcher.manifest(spec, reference)
 
     async def _children(self, spec: ImageSpec, index: ManifestResult, seeded: Seeded) -> list[ManifestResult]:
         """The children of `index` for the platforms asked for (all if none were)."""
@@ -147,17 +185,13 @@ class Seeder:
             digest = Digest.parse(descriptor["digest"])
             if str(digest) in seeded.blobs:
                 continue
-            route = Route(spec.upstream, spec.name, Endpoint.BLOB, Reference(digest=digest))
-            blob = await self._proxy.blob(route)
-            if isinstance(blob, CachedBlob):
-                self._proxy.done_reading(blob)
-                seeded.blobs[str(digest)] = blob.size
-                seeded.bytes_cached += blob.size
-                continue
-            await blob.fill.published()
-            seeded.blobs[str(digest)] = blob.fill.written
-            seeded.bytes_fetched += blob.fill.written
-            self._progress(Event("blob", str(spec), blob.fill.written))
+            size, fetched = await self._fetcher.blob(spec, digest)
+            seeded.blobs[str(digest)] = size
+            if fetched:
+                seeded.bytes_fetched += size
+                self._progress(Event("blob", str(spec), size))
+            else:
+                seeded.bytes_cached += size
 
     async def _referrers(self, spec: ImageSpec, subject: Digest, seeded: Seeded, dry_run: bool, depth: int) -> None:
         """What the fallback tag and cosign's tags hold for `subject`, and their referrers in turn."""
@@ -220,16 +254,23 @@ async def seed_all(seeder: Seeder, specs: list[ImageSpec], dry_run: bool,
     return done, failed
 
 
-async def seed(config: Config, specs: list[ImageSpec], dry_run: bool, quiet: bool = False
-               ) -> tuple[list[Seeded], list[Failure]]:
-    """`mirror seed` on the cache directory: the services a serving mirror would open, and a
-    progress display. Interrupted, it keeps what was whole; run again, it fetches only the rest."""
-    async with open_services(config, Metrics()) as services:
-        with Reporter("seeding", len(specs), quiet) as reporter:
-            def progress(event: Event) -> None:
-                if event.kind == "blob":
-                    reporter.moved(event.bytes, event.reference)
-                else:
-                    reporter.finished(event.reference)
-            seeder = Seeder(services.proxy, services.index, progress)
+async def seed(config: Config, specs: list[ImageSpec], dry_run: bool, quiet: bool = False,
+               server: str | None = None) -> tuple[list[Seeded], list[Failure]]:
+    """`mirror seed`: on the cache directory, with the services a serving mirror would open, or
+    through a running mirror's /v2 API (`server`). Interrupted, it keeps what was whole; run
+    again, it fetches only the rest."""
+    with Reporter("seeding", len(specs), quiet) as reporter:
+        def progress(event: Event) -> None:
+            if event.kind == "blob":
+                reporter.moved(event.bytes, event.reference)
+            else:
+                reporter.finished(event.reference)
+        if server is not None:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
+                                            sock_read=config.timeouts.read)
+            async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
+                return await seed_all(Seeder(ServerFetcher(session, server), progress), specs, dry_run,
+                                      lambda _: None)
+        async with open_services(config, Metrics()) as services:
+            seeder = Seeder(CacheFetcher(services.proxy, services.index), progress)
             return await seed_all(seeder, specs, dry_run, lambda _: None)

@@ -14,10 +14,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from tests.conftest import Counting, Registry
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import push_image, random_layer
 from tests.support.pulls import NAME, add_image
+from tests.support.served import Served
 
 
 def mirror_command(*args: str | Path, upstream: str) -> subprocess.CompletedProcess[str]:
@@ -155,3 +158,27 @@ async def test_ctrl_c_keeps_what_was_whole_and_the_same_command_finishes(
     assert run.returncode == 0, run.stderr
     assert stored(cache) >= {image.digest, image.config, *image.layers}
     assert fake.count("GET", "blobs") == before + 1, "only the interrupted layer was fetched again"
+
+
+async def test_seed_prewarms_a_running_mirror_through_its_api(
+        registry: Registry, counting: Counting, tmp_path: Path, client: aiohttp.ClientSession) -> None:
+    single = registry.images["single"]
+    async with await Served.start("--cache-dir", tmp_path / "cache", "--upstream",
+                                  f"docker.io={counting.url}") as served:
+        run = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "mirror", "seed", "--server", served.url, "alpine:3.19", "multi:1.0", "--json"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0, run.stderr
+        results = {r["reference"]: r for r in json.loads(run.stdout)}
+        assert results["docker.io/library/alpine:3.19"]["digest"] == single.digest
+        assert results["docker.io/library/alpine:3.19"]["bytes_fetched"] == sum(map(len, single.blobs.values()))
+        assert not results["docker.io/library/alpine:3.19"]["pinned"], "no admin API yet: cached, not pinned"
+        fetched = counting.count("GET", "blobs")
+        assert fetched == len(single.blobs) + len(registry.images["index"].blobs)
+        # Warm now: a client's pull never reaches the upstream.
+        counting.reset()
+        for digest, data in single.blobs.items():
+            async with client.get(f"{served.url}/v2/library/alpine/blobs/{digest}") as response:
+                assert (response.status, await response.read(), response.headers["X-Mirror-Cache"]) == (
+                    200, data, "HIT")
+        assert counting.count("GET", "blobs") == 0

@@ -1,0 +1,92 @@
+"""A running mirror's own /v2 API as the source of `mirror seed --server URL`: pulling every
+listed image through it pre-warms its cache before a rollout, with its single-flight downloads
+and verified writes, while it serves. Every body is checked against its digest here too.
+
+Repositories are named with their registry as the first path segment
+(`/v2/docker.io/library/alpine/...`), which the mirror routes to that upstream. Pinning needs
+the mirror's admin API; until it has one, what is seeded this way is cached but not pinned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from urllib.parse import urlencode
+
+import aiohttp
+
+from mirror.access import CACHE_HEADER
+from mirror.errors import (
+    BlobUnknown,
+    Denied,
+    IntegrityError,
+    ManifestUnknown,
+    MirrorError,
+    NameUnknown,
+    TooManyRequests,
+    Unavailable,
+)
+from mirror.imagelist import ImageSpec
+from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, manifest_media_type
+from mirror.proxy import CacheResult, ManifestResult
+
+ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
+_CHUNK = 4 << 20
+_BY_CODE: Mapping[str, type[MirrorError]] = {
+    "MANIFEST_UNKNOWN": ManifestUnknown, "BLOB_UNKNOWN": BlobUnknown, "NAME_UNKNOWN": NameUnknown,
+    "DENIED": Denied, "UNAUTHORIZED": Denied, "TOOMANYREQUESTS": TooManyRequests,
+}
+
+
+class ServerFetcher:
+    def __init__(self, session: aiohttp.ClientSession, server: str) -> None:
+        self._session = session
+        self._server = server.rstrip("/")
+
+    def _url(self, spec: ImageSpec, path: str) -> str:
+        return f"{self._server}/v2/{spec.upstream.name}/{spec.name}/{path}"
+
+    async def manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
+        async with self._session.get(self._url(spec, f"manifests/{reference}"),
+                                     headers={"Accept": ACCEPT_ALL}) as response:
+            await _check(response)
+            body = await response.read()
+            digest = Digest.of(body)
+            if reference.digest is not None and reference.digest != digest:
+                raise IntegrityError(f"{self._server} sent a manifest for {reference.digest} whose digest is {digest}")
+            media_type = manifest_media_type(body, response.headers.get("Content-Type"))
+            cache = response.headers.get(CACHE_HEADER, "MISS")
+            return ManifestResult(body, media_type, digest,
+                                  CacheResult(cache) if cache in CacheResult.__members__ else CacheResult.MISS)
+
+    async def blob(self, spec: ImageSpec, digest: Digest) -> tuple[int, bool]:
+        async with self._session.get(self._url(spec, f"blobs/{digest}")) as response:
+            await _check(response)
+            hashed = hashlib.sha256()
+            size = 0
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                hashed.update(chunk)
+                size += len(chunk)
+            if hashed.hexdigest() != digest.hex:
+                raise IntegrityError(f"{self._server} sent {digest} with digest sha256:{hashed.hexdigest()}")
+            return size, response.headers.get(CACHE_HEADER) != CacheResult.HIT.value
+
+    async def tags(self, spec: ImageSpec, query: Mapping[str, str]) -> tuple[bytes, str | None]:
+        async with self._session.get(self._url(spec, f"tags/list?{urlencode(query)}")) as response:
+            await _check(response)
+            return await response.read(), response.headers.get("Link")
+
+    async def pin(self, digest: Digest) -> bool:
+        return False
+
+
+async def _check(response: aiohttp.ClientResponse) -> None:
+    """The mirror's OCI error, as the error it names."""
+    if response.status < 300:
+        return
+    try:
+        error = (await response.json(content_type=None))["errors"][0]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
+        code, message = "", f"answered {response.status}"
+    raise _BY_CODE.get(code, Unavailable)(f"{response.url.host}:{response.url.port}: {message}")
