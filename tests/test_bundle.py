@@ -452,3 +452,48 @@ async def test_referrers_travel_with_their_image_and_are_served_offline_by_their
         assert (await fetch(client, f"{base}/{sbom}"))[:2] == (200, sbom_body)
         status, _, _ = await fetch(client, f"{base}/sha256-{sbom.removeprefix('sha256:')}.sig")
         assert status == 200, "the signature of the SBOM came along too"
+
+
+def mount_tmpfs(path: Path, size: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True, check=False).returncode != 0:
+        pytest.skip("no small filesystem to fill here (mounting a tmpfs needs root)")
+
+
+def resize_tmpfs(path: Path, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes(
+        registry: Registry, big: PushedImage, tmp_path: Path) -> None:
+    listing = tmp_path / "images.txt"
+    listing.write_text("bundle/big:v1\nalpine:3.19\n")
+    usb = tmp_path / "usb"
+    mount_tmpfs(usb, 2 * MiB)
+    try:
+        export = ["export", "-f", listing, "-o", usb / "bundle", "--volume-size", "1MiB",
+                  "--cache-dir", tmp_path / "near"]
+        refused = mirror(*export, upstream=registry.url, check=False)
+        assert refused.returncode == 1 and "bytes free; the bundle needs" in refused.stderr, refused.stderr
+        assert not list((usb / "bundle").glob("volume-*")), "nothing written when it cannot fit"
+
+        # Room for the blobs, not for the volumes' own bytes: it runs out of disk part-way.
+        shipped = sum(len(b) for b in big.blobs.values()) + len(big.manifest) + sum(
+            len(b) for b in registry.images["single"].blobs.values()) + len(registry.images["single"].manifest)
+        resize_tmpfs(usb, shipped + 16 * 1024)
+        full = mirror(*export, upstream=registry.url, check=False)
+        assert full.returncode == 1 and "No space left" in full.stderr, full.stderr
+        written = {p.name: p.stat().st_ino for p in (usb / "bundle").glob("volume-*.tar")}
+        assert written, "it ran out part-way, after some volumes were whole"
+        assert not list((usb / "bundle").glob(".*.partial")), "no partial volume is left behind"
+        assert not (usb / "bundle" / "mirror-bundle.json").exists()
+
+        resize_tmpfs(usb, 8 * MiB)
+        mirror(*export, upstream=registry.url)
+        after = {p.name: p.stat().st_ino for p in (usb / "bundle").glob("volume-*.tar")}
+        assert all(after[name] == inode for name, inode in written.items()), "a finished volume was rewritten"
+        result = json.loads(mirror("import", usb / "bundle", "--cache-dir", tmp_path / "far", "--json").stdout)
+        assert sorted(result["images"]) == ["docker.io/bundle/big:v1", "docker.io/library/alpine:3.19"]
+    finally:
+        subprocess.run(["umount", "-l", str(usb)], check=False)
