@@ -472,7 +472,7 @@ async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes
     usb = tmp_path / "usb"
     mount_tmpfs(usb, 2 * MiB)
     try:
-        export = ["export", "-f", listing, "-o", usb / "bundle", "--volume-size", "1MiB",
+        export: list[str | Path] = ["export", "-f", listing, "-o", usb / "bundle", "--volume-size", "1MiB",
                   "--cache-dir", tmp_path / "near"]
         refused = mirror(*export, upstream=registry.url, check=False)
         assert refused.returncode == 1 and "bytes free; the bundle needs" in refused.stderr, refused.stderr
