@@ -744,8 +744,11 @@ async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: 
         reporter.moved(0, str(digest)[:19])
         return
     writer = store.writer(digest, size)
+    # The next chunk is read while this one is hashed and written.
+    ahead = asyncio.ensure_future(asyncio.to_thread(next, chunks, b""))
     try:
-        while chunk := await asyncio.to_thread(next, chunks, b""):
+        while chunk := await ahead:
+            ahead = asyncio.ensure_future(asyncio.to_thread(next, chunks, b""))
             await writer.write(chunk)
         await writer.commit()
     except IntegrityError:
@@ -756,6 +759,8 @@ async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: 
         result.problems.append(f"{digest} ({where}): {exc.message}: not imported")
         return
     finally:
+        # A read still running in its thread finishes before its file is closed by the caller.
+        await asyncio.wait([ahead])
         await writer.discard()
     result.blobs_written += 1
     result.bytes_written += size
