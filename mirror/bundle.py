@@ -64,6 +64,9 @@ FORMAT = "mirror-bundle/v1"
 BUNDLE_FILE = "mirror-bundle.json"
 INVENTORY_FORMAT = "mirror-inventory/v1"
 _STATE_FILE = ".mirror-export.json"
+# Where import keeps the parts of a split blob until the volumes with the other parts arrive
+# (under the cache directory, beside the store's own tree, outside tmp/ which start-up sweeps).
+_STAGING = "import-parts"
 _CHUNK = 4 << 20
 # What a tar volume spends beside its blobs: a header per member, the end blocks and the padding
 # of the last record, and room for volume.json.
@@ -485,6 +488,9 @@ async def import_bundle(config: Config, paths: Sequence[Path], name: str | None 
         with Reporter("importing", len(sources.sizes), quiet) as reporter:
             await _load_blobs(services, sources, result, reporter)
         await _record(services, sources, images, result)
+        if result.incomplete or result.problems:
+            # Volumes imported one at a time are not missing once what they held is here.
+            result.problems += [f"volume {f} is missing" for f in sources.missing_volumes]
         return result
 
 
@@ -500,6 +506,8 @@ class _Sources:
         self.sizes: dict[str, int] = {}
         self.written: dict[str, int] = {}
         """What this run wrote into the store, with its size: to be indexed."""
+        self.missing_volumes: list[str] = []
+        """Volumes the bundle lists that were not given: a problem only if content is still missing."""
 
     @classmethod
     def find(cls, paths: Sequence[Path]) -> _Sources:
@@ -552,6 +560,9 @@ class _Sources:
         for key, kind in (("images", list), ("blobs", dict), ("volumes", list)):
             if not isinstance(document.get(key), kind):
                 raise BundleError(f"{where}: {key} is missing or malformed")
+        # The id names a directory where split blobs wait for their other parts.
+        if not isinstance(document.get("id"), str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", document["id"]):
+            raise BundleError(f"{where}: the bundle id is missing or malformed")
         if self.bundle is not None and self.bundle.get("id") != document.get("id"):
             raise BundleError(f"{where}: belongs to bundle {document.get('id')}, not {self.bundle.get('id')}")
         for digest, blob in document["blobs"].items():
@@ -622,7 +633,7 @@ class _Sources:
                 continue
             usable.append(tar)
         listed = {t.name for t in self.tars}
-        result.problems += [f"volume {f} is missing" for f in expected if f not in listed]
+        self.missing_volumes = [f for f in expected if f not in listed]
         return usable
 
 
@@ -692,11 +703,17 @@ async def _load_blobs(services: Services, sources: _Sources, result: Imported, r
         except tarfile.TarError as exc:
             result.problems.append(f"{tar_path}: not a readable tar ({exc}): skipped")
     if sources.bundle is not None:
-        await _join_parts(store, sources, parts, result, reporter)
+        staging = services.config.cache_dir / _STAGING / str(sources.bundle["id"])
+        await _join_parts(store, sources, parts, result, reporter, staging)
+        if staging.exists() and not any(staging.iterdir()):
+            staging.rmdir()
 
 
 async def _join_parts(store: BlobStore, sources: _Sources, parts: dict[tuple[str, int], tuple[Path, tarfile.TarInfo]],
-                      result: Imported, reporter: Reporter) -> None:
+                      result: Imported, reporter: Reporter, staging: Path) -> None:
+    """Each split blob from its parts, in one verified write. Parts whose siblings are in volumes
+    not given this time are kept in `staging` (whole, from volumes whose checksum held), so that
+    volumes can be imported one at a time, as they arrive."""
     assert sources.bundle is not None
     for digest, blob in sources.bundle["blobs"].items():
         declared = blob.get("parts")
@@ -705,26 +722,56 @@ async def _join_parts(store: BlobStore, sources: _Sources, parts: dict[tuple[str
         if store.size(Digest.parse(digest)) is not None:
             result.blobs_present += 1
             continue
-        found = [parts.get((digest, index)) for index in range(len(declared))]
-        held = [part for part in found if part is not None]
-        if len(held) != len(found):
-            result.problems.append(f"{digest}: some of its parts are in volumes that did not import")
+        hex_ = Digest.parse(digest).hex
+        found: list[tuple[Path, tarfile.TarInfo | None] | None] = []
+        for index in range(len(declared)):
+            staged = staging / f"{hex_}.{index}"
+            held = parts.get((digest, index))
+            found.append(held if held is not None else (staged, None) if staged.exists() else None)
+        if any(part is None for part in found):
+            for index, part in enumerate(found):
+                if part is not None and part[1] is not None:
+                    await asyncio.to_thread(_stage, part[0], part[1], staging / f"{hex_}.{index}")
+            result.problems.append(f"{digest}: {sum(p is not None for p in found)} of its {len(found)} parts are "
+                                   "here; they are kept until the volumes with the others are imported")
             continue
+        present = [part for part in found if part is not None]
         try:
-            with closing(_part_chunks(held)) as chunks:
-                await _put(store, Digest.parse(digest), chunks, sum(member.size for _, member in held),
-                           f"{len(held)} parts", result, reporter, sources)
-        except tarfile.TarError as exc:
+            with closing(_part_chunks(present)) as chunks:
+                await _put(store, Digest.parse(digest), chunks, sum(_part_size(part) for part in present),
+                           f"{len(present)} parts", result, reporter, sources)
+        except (tarfile.TarError, OSError) as exc:
             result.problems.append(f"{digest}: a part could not be read ({exc}): not imported")
+            continue
+        for index in range(len(found)):
+            (staging / f"{hex_}.{index}").unlink(missing_ok=True)
+
+
+def _stage(volume: Path, member: tarfile.TarInfo, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(volume, mode="r:") as tar:
+        entry = tar.extractfile(member)
+        assert entry is not None
+        _atomic_write(target, lambda out: shutil.copyfileobj(entry, out, _CHUNK))
+
+
+def _part_size(part: tuple[Path, tarfile.TarInfo | None]) -> int:
+    path, member = part
+    return member.size if member is not None else path.stat().st_size
 
 
 def _chunks(source: IO[bytes]) -> Iterator[bytes]:
     return iter(lambda: source.read(_CHUNK), b"")
 
 
-def _part_chunks(parts: list[tuple[Path, tarfile.TarInfo]]) -> Generator[bytes, None, None]:
-    """The parts of a split blob as one stream, from the volumes that hold them, in order."""
+def _part_chunks(parts: list[tuple[Path, tarfile.TarInfo | None]]) -> Generator[bytes, None, None]:
+    """The parts of a split blob as one stream, in order: from the volumes that hold them, or
+    from where an earlier run kept them."""
     for path, member in parts:
+        if member is None:
+            with open(path, "rb") as staged:
+                yield from _chunks(staged)
+            continue
         with tarfile.open(path, mode="r:") as tar:
             entry = tar.extractfile(member)
             assert entry is not None

@@ -497,3 +497,27 @@ async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes
         assert sorted(result["images"]) == ["docker.io/bundle/big:v1", "docker.io/library/alpine:3.19"]
     finally:
         subprocess.run(["umount", "-l", str(usb)], check=False)
+
+
+async def test_volumes_can_be_imported_one_at_a_time_as_they_arrive(
+        registry: Registry, big: PushedImage, tmp_path: Path) -> None:
+    listing = tmp_path / "images.txt"
+    listing.write_text("bundle/big:v1\n")
+    bundle = tmp_path / "bundle"
+    mirror("export", "-f", listing, "-o", bundle, "--volume-size", "1MiB", "--cache-dir", tmp_path / "near",
+           upstream=registry.url)
+    volumes = sorted(bundle.glob("volume-*.tar"))
+    assert len(volumes) >= 3
+    far = tmp_path / "far"
+    for n, volume in enumerate(reversed(volumes), 1):
+        run = mirror("import", volume, bundle / "mirror-bundle.json", "--cache-dir", far, "--json", check=False)
+        result = json.loads(run.stdout)
+        if n < len(volumes):
+            assert run.returncode == 1 and result["images"] == []
+            assert any("kept until the volumes with the others are imported" in p for p in result["problems"])
+        else:
+            assert run.returncode == 0, result
+            assert result["images"] == ["docker.io/bundle/big:v1"]
+    layer = next(d for d in big.blobs if len(big.blobs[d]) == 3 * MiB)
+    assert (far / "blobs" / "sha256" / layer[7:9] / layer[7:]).read_bytes() == big.blobs[layer]
+    assert not (far / "import-parts").exists() or not any((far / "import-parts").rglob("*.*")), "parts cleared"
