@@ -229,11 +229,15 @@ async def test_export_and_import_resume_after_kill_9(registry: Registry, big: Pu
     mirror(*command[3:])  # fills the cache; the bundle is then written again from scratch
     for leftover in bundle.iterdir():
         leftover.unlink()
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
-                                                   stderr=asyncio.subprocess.DEVNULL)
-    await kill_when(process, lambda: (bundle / "volume-0002.tar").exists())
-    assert not (bundle / "mirror-bundle.json").exists(), "an interrupted export is not a bundle"
-    done_before = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}
+    done_before: dict[str, int] = {}
+    for volume in ("volume-0002.tar", "volume-0003.tar"):  # killed twice, further along each time
+        process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
+                                                       stderr=asyncio.subprocess.DEVNULL)
+        await kill_when(process, lambda volume=volume: (bundle / volume).exists())
+        assert not (bundle / "mirror-bundle.json").exists(), "an interrupted export is not a bundle"
+        whole = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}
+        assert all(whole[name] == inode for name, inode in done_before.items()), "a finished volume was rewritten"
+        done_before = whole
     assert done_before
     mirror(*command[3:])
     after = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}

@@ -71,3 +71,21 @@ async def test_offline_serves_the_cache_sends_nothing_upstream_and_records_misse
     config = load(None, environ={"MIRROR_UPSTREAMS": f"docker.io={registry.url}"})
     specs = load_list(listed, config)
     assert {str(spec) for spec in specs} == {"docker.io/library/busybox:1.36", "docker.io/library/alpine:edge"}
+
+
+async def test_seed_from_misses_fetches_what_the_offline_mirror_lacked(
+        registry: Registry, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    async with (await Served.start("--cache-dir", cache, "--upstream", "docker.io=http://127.0.0.1:9",
+                                   "--offline") as offline,
+                client.get(f"{offline.url}/v2/busybox/manifests/1.36", headers={"Accept": ACCEPT}) as response):
+        assert response.status == 404
+    # A route again: the cache's own misses are the list.
+    run = subprocess.run([sys.executable, "-m", "mirror", "seed", "--from-misses", "--cache-dir", str(cache),
+                          "--upstream", f"docker.io={registry.url}", "--json"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    [result] = json.loads(run.stdout)
+    assert (result["reference"], result["digest"]) == ("docker.io/library/busybox:1.36",
+                                                       registry.images["docker"].digest)
+    assert result["pinned"]
