@@ -219,7 +219,7 @@ def _write_directory(store: BlobStore, output: Path, manifest: dict[str, Any], s
 
 def _write_tar(store: BlobStore, output: Path, manifest: dict[str, Any], shipped: dict[str, int],
                reporter: Reporter) -> None:
-    """One tar of the whole layout: what `ctr images import` and `skopeo copy oci-archive:` read."""
+    """One tar of the whole layout: what `ctr images import` loads."""
     def write(out: BinaryIO) -> None:
         with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
             _add_bytes(tar, "oci-layout", _OCI_LAYOUT)
