@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tarfile
 import time
 import uuid
@@ -54,7 +55,7 @@ from mirror.index import TagRecord
 from mirror.metrics import Metrics
 from mirror.oci import Digest, manifest_media_type, manifest_references, parse_tag
 from mirror.progress import Reporter
-from mirror.seeding import CacheFetcher, Event, Seeded, Seeder, seed_all
+from mirror.seeding import INDEX_TYPES, CacheFetcher, Event, Seeded, Seeder, seed_all
 from mirror.services import Services, open_services
 from mirror.storage import BlobStore
 
@@ -73,8 +74,10 @@ _CHUNK = 4 << 20
 _MEMBER_OVERHEAD = 1024
 _VOLUME_OVERHEAD = 64 << 10
 _MIN_VOLUME = 1 << 20
+# The most a bundle manifest or index.json may hold (a bundle of a million blobs is ~100 MB of JSON).
+_JSON_LIMIT = 256 << 20
 _BLOB_NAME = re.compile(r"blobs/sha256/([0-9a-f]{64})")
-_PART_NAME = re.compile(r"parts/([0-9a-f]{64})\.(\d+)")
+_PART_NAME = re.compile(r"parts/([0-9a-f]{64})\.(\d{1,6})")
 _VOLUME_NAME = re.compile(r"volume-\d{4,}\.tar")
 _LAYOUT_FILES = ("oci-layout", "index.json", "volume.json", BUNDLE_FILE)
 _IMAGE_STRINGS = ("reference", "upstream", "name", "digest")
@@ -414,10 +417,30 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda out: out.write(data))
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` to read, if it is a regular file and not a link: a bundle cannot make import read a
+    file outside it, nor hang on a pipe or a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"{path}: not a regular file")
+    return open(fd, "rb")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        document = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        with _open_regular(path) as source:
+            data = source.read(_JSON_LIMIT + 1)
+    except OSError as exc:
+        raise BundleError(f"{path}: not readable ({exc.strerror})") from None
+    if len(data) > _JSON_LIMIT:
+        raise BundleError(f"{path}: larger than {_JSON_LIMIT} bytes")
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
         raise BundleError(f"{path}: not readable JSON ({exc})") from None
     if not isinstance(document, dict):
         raise BundleError(f"{path}: not a JSON object")
@@ -470,8 +493,8 @@ class _Image:
     name: str
     tag: str | None
     digest: str
-    manifests: list[str]
-    blobs: list[str]
+    manifests: list[str] | None
+    """As the bundle lists them; None for a plain layout, whose manifests are found from the root."""
     reference: str
     referrer_tags: dict[str, str] = field(default_factory=dict)
 
@@ -546,7 +569,8 @@ class _Sources:
         if (path / BUNDLE_FILE).exists():
             self._set_bundle(_read_json(path / BUNDLE_FILE), path / BUNDLE_FILE)
             for volume in self.bundle["volumes"] if self.bundle else []:
-                if (path / volume["file"]).is_file():
+                # A regular file, not a link: the bundle names it, and may not name one elsewhere.
+                if (path / volume["file"]).is_file() and not (path / volume["file"]).is_symlink():
                     self._add_tar(path / volume["file"])
         if (path / "index.json").exists():
             self.layout_index = _read_json(path / "index.json")
@@ -616,10 +640,7 @@ class _Sources:
 
     def images(self, config: Config, name: str | None) -> list[_Image]:
         if self.bundle is not None:
-            return [_Image(str(i["upstream"]), str(i["name"]), i.get("tag"), str(i["digest"]),
-                           [str(m) for m in i["manifests"]], [str(b) for b in i["blobs"]], str(i["reference"]),
-                           {str(t): str(d) for t, d in (i.get("referrer_tags") or {}).items()})
-                    for i in self.bundle["images"]]
+            return [_bundle_image(config, i) for i in self.bundle["images"]]
         assert self.layout_index is not None
         return [_layout_image(config, descriptor, name) for descriptor in self.layout_index.get("manifests", [])]
 
@@ -637,10 +658,33 @@ class _Sources:
         return usable
 
 
+def _bundle_image(config: Config, entry: dict[str, Any]) -> _Image:
+    """An image of the bundle manifest, its registry, repository and tag taken from its reference
+    as users write it (never from fields that could say something else), every digest checked."""
+    reference = str(entry["reference"])
+    try:
+        upstream, name, parsed = parse_reference(reference, config, "mirror-bundle.json", any_registry=True)
+        digest = Digest.parse(str(entry["digest"]))
+        manifests = [str(Digest.parse(str(m))) for m in entry["manifests"]]
+        referrer_tags = {parse_tag(str(t)): str(Digest.parse(str(d)))
+                         for t, d in (entry.get("referrer_tags") or {}).items()}
+    except (ConfigError, MirrorError, AttributeError, TypeError) as exc:
+        raise BundleError(f"mirror-bundle.json: image {reference[:100]!r}: {getattr(exc, 'message', exc)}") from None
+    if parsed is not None and parsed.digest is not None and parsed.digest != digest:
+        raise BundleError(f"mirror-bundle.json: image {reference[:100]!r} says digest {digest}")
+    tag = parsed.tag if parsed is not None else None
+    return _Image(upstream.name, name, tag, str(digest), manifests, reference, referrer_tags)
+
+
 def _layout_image(config: Config, descriptor: object, name: str | None) -> _Image:
     if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
         raise BundleError("index.json: a manifest descriptor has no digest")
-    annotations = descriptor.get("annotations") or {}
+    try:
+        Digest.parse(descriptor["digest"])
+    except MirrorError as exc:
+        raise BundleError(f"index.json: {exc.message}") from None
+    annotations = descriptor.get("annotations")
+    annotations = {k: v for k, v in annotations.items() if isinstance(v, str)} if isinstance(annotations, dict) else {}
     ref_name = annotations.get("io.containerd.image.name") or annotations.get("org.opencontainers.image.ref.name")
     if name is not None:
         tag = annotations.get("org.opencontainers.image.ref.name")
@@ -655,7 +699,7 @@ def _layout_image(config: Config, descriptor: object, name: str | None) -> _Imag
     except (ConfigError, MirrorError) as exc:
         raise BundleError(f"index.json: {getattr(exc, 'message', exc)}") from None
     tag = reference.tag if reference is not None else "latest"
-    return _Image(upstream.name, repository, tag, str(descriptor["digest"]), [], [], full)
+    return _Image(upstream.name, repository, tag, str(descriptor["digest"]), None, full)
 
 
 def _check_member(path: Path, member: tarfile.TarInfo) -> None:
@@ -682,9 +726,14 @@ async def _load_blobs(services: Services, sources: _Sources, result: Imported, r
         for path in sorted((sources.directory / "blobs" / "sha256").glob("*")):
             if not re.fullmatch(r"[0-9a-f]{64}", path.name):
                 continue
-            with open(path, "rb") as source:
-                await _put(store, Digest(path.name), _chunks(source), path.stat().st_size, str(path), result,
-                           reporter, sources)
+            try:
+                source = _open_regular(path)
+            except BundleError as exc:
+                result.problems.append(f"{exc}: not imported")
+                continue
+            with source:
+                await _put(store, Digest(path.name), _chunks(source), os.fstat(source.fileno()).st_size, str(path),
+                           result, reporter, sources)
     # Parts are found here and joined below, straight from their volumes into one verified
     # write: volumes come in any order, and nothing is staged on disk on the way.
     parts: dict[tuple[str, int], tuple[Path, tarfile.TarInfo]] = {}
@@ -816,47 +865,48 @@ async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: 
 
 
 async def _record(services: Services, sources: _Sources, images: list[_Image], result: Imported) -> None:
-    """Index what landed: blobs, then each image's manifests (an image only if all it names is
-    here), then its tag, and pin it."""
-    store, index = services.store, services.index
+    """Index what landed: blobs, then each image whose content is all here (its manifests, and
+    every config and layer they name), then its tags, and pin it."""
     # What was here before is indexed already (opening the cache reconciled it); what landed now is not.
     for digest, size in sources.written.items():
-        if await index.add_blob(Digest.parse(digest), size):
+        if await services.index.add_blob(Digest.parse(digest), size):
             services.evictor.added(size)
     for image in images:
-        manifests = image.manifests or await _walk(store, image.digest)
-        if manifests is None:
-            result.incomplete.append(image.reference)
-            continue
-        bodies: dict[str, bytes] = {}
-        for digest in manifests:
-            body = await store.read(Digest.parse(digest))
-            if body is None:
-                break
-            bodies[digest] = body
-        blobs = image.blobs or [str(d) for body in bodies.values() for d in manifest_references(body)
-                                if str(d) not in bodies]
-        if len(bodies) != len(manifests) or any(store.size(Digest.parse(b)) is None for b in blobs):
-            result.incomplete.append(image.reference)
-            continue
-        for digest, body in bodies.items():
-            try:
-                media_type = manifest_media_type(body, None)
-            except MirrorError as exc:
-                result.problems.append(f"{image.reference}: manifest {digest}: {exc.message}")
-                break
-            await index.add_manifest(image.upstream, image.name, Digest.parse(digest), media_type,
-                                     manifest_references(body))
-        else:
-            tags = {**image.referrer_tags, **({image.tag: image.digest} if image.tag is not None else {})}
-            for tag, digest in tags.items():
-                await index.set_tag(image.upstream, image.name, parse_tag(tag), TagRecord(Digest.parse(digest),
-                                                                                       time.time()))
-            for digest in manifests:
-                await index.pin(Digest.parse(digest))
-            result.images.append(image.reference)
-            continue
-        result.incomplete.append(image.reference)
+        try:
+            complete = await _record_image(services, image, result)
+        except MirrorError as exc:
+            result.problems.append(f"{image.reference}: {exc.message}")
+            complete = False
+        (result.images if complete else result.incomplete).append(image.reference)
+
+
+async def _record_image(services: Services, image: _Image, result: Imported) -> bool:
+    store, index = services.store, services.index
+    manifests = (list(dict.fromkeys(image.manifests)) if image.manifests is not None
+                 else await _walk(store, image.digest) or [])
+    named = {image.digest, *image.referrer_tags.values()}
+    if not named <= set(manifests):
+        result.problems.append(f"{image.reference}: its tags name manifests the bundle does not ship")
+        return False
+    bodies: dict[str, tuple[bytes, str]] = {}
+    for digest in manifests:
+        body = await store.read(Digest.parse(digest))
+        if body is None:
+            return False
+        media_type = manifest_media_type(body, None)
+        # An index may be sparse (only the platforms shipped); an image needs all it names.
+        if media_type not in INDEX_TYPES and any(store.size(d) is None for d in manifest_references(body)):
+            return False
+        bodies[digest] = (body, media_type)
+    for digest, (body, media_type) in bodies.items():
+        await index.add_manifest(image.upstream, image.name, Digest.parse(digest), media_type,
+                                 manifest_references(body))
+    tags = {**image.referrer_tags, **({image.tag: image.digest} if image.tag is not None else {})}
+    for tag, digest in tags.items():
+        await index.set_tag(image.upstream, image.name, tag, TagRecord(Digest.parse(digest), time.time()))
+    for digest in manifests:
+        await index.pin(Digest.parse(digest))
+    return True
 
 
 async def _walk(store: BlobStore, root: str) -> list[str] | None:

@@ -10,7 +10,8 @@ the mirror's admin API; until it has one, what is seeded this way is cached but 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from urllib.parse import urlencode
 
 import aiohttp
@@ -47,9 +48,8 @@ class ServerFetcher:
         return f"{self._server}/v2/{spec.upstream.name}/{spec.name}/{path}"
 
     async def manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
-        async with self._session.get(self._url(spec, f"manifests/{reference}"),
-                                     headers={"Accept": ACCEPT_ALL}) as response:
-            await _check(response)
+        async with self._get(self._url(spec, f"manifests/{reference}"), {"Accept": ACCEPT_ALL}) as response:
+            await _check(response, ManifestUnknown)
             body = await response.read()
             digest = Digest.of(body)
             if reference.digest is not None and reference.digest != digest:
@@ -60,8 +60,8 @@ class ServerFetcher:
                                   CacheResult(cache) if cache in CacheResult.__members__ else CacheResult.MISS)
 
     async def blob(self, spec: ImageSpec, digest: Digest) -> tuple[int, bool]:
-        async with self._session.get(self._url(spec, f"blobs/{digest}")) as response:
-            await _check(response)
+        async with self._get(self._url(spec, f"blobs/{digest}")) as response:
+            await _check(response, BlobUnknown)
             hashed = hashlib.sha256()
             size = 0
             async for chunk in response.content.iter_chunked(_CHUNK):
@@ -72,16 +72,26 @@ class ServerFetcher:
             return size, response.headers.get(CACHE_HEADER) != CacheResult.HIT.value
 
     async def tags(self, spec: ImageSpec, query: Mapping[str, str]) -> tuple[bytes, str | None]:
-        async with self._session.get(self._url(spec, f"tags/list?{urlencode(query)}")) as response:
-            await _check(response)
+        async with self._get(self._url(spec, f"tags/list?{urlencode(query)}")) as response:
+            await _check(response, NameUnknown)
             return await response.read(), response.headers.get("Link")
 
     async def pin(self, digest: Digest) -> bool:
         return False
 
+    @asynccontextmanager
+    async def _get(self, url: str, headers: Mapping[str, str] | None = None
+                   ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET to the mirror; a mirror that cannot be reached is an Unavailable, like an upstream."""
+        try:
+            async with self._session.get(url, headers=headers) as response:
+                yield response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"{self._server}: {type(exc).__name__}: {exc}") from None
 
-async def _check(response: aiohttp.ClientResponse) -> None:
-    """The mirror's OCI error, as the error it names."""
+
+async def _check(response: aiohttp.ClientResponse, unknown: type[MirrorError]) -> None:
+    """The mirror's OCI error, as the error it names; a bare 404 is `unknown`."""
     if response.status < 300:
         return
     try:
@@ -89,4 +99,5 @@ async def _check(response: aiohttp.ClientResponse) -> None:
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
         code, message = "", f"answered {response.status}"
-    raise _BY_CODE.get(code, Unavailable)(f"{response.url.host}:{response.url.port}: {message}")
+    fallback = unknown if response.status == 404 else Unavailable
+    raise _BY_CODE.get(code, fallback)(f"{response.url.host}:{response.url.port}: {message}")

@@ -170,6 +170,8 @@ class Seeder:
         results = []
         for descriptor in chosen:
             child = await self._manifest(spec, Reference(digest=Digest.parse(str(descriptor["digest"]))))
+            if str(child.digest) in seeded.manifests:
+                continue  # an index may name a child twice
             results.append(child)
             seeded.manifests.append(str(child.digest))
             if (platform := _platform(descriptor.get("platform"))) is not None:
@@ -208,7 +210,8 @@ class Seeder:
                 descriptors = json.loads(found.body).get("manifests", [])
                 attached = [await self._manifest(spec, Reference(digest=Digest.parse(str(d["digest"]))))
                             for d in descriptors if isinstance(d, dict) and isinstance(d.get("digest"), str)]
-                seeded.manifests.append(str(found.digest))
+                if str(found.digest) not in seeded.manifests:
+                    seeded.manifests.append(str(found.digest))
             for referrer in attached:
                 if str(referrer.digest) in seeded.manifests:
                     continue

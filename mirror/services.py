@@ -126,7 +126,9 @@ def _platform_of(store: BlobStore, index: Index) -> Callable[[Digest], Awaitable
                 continue
             for descriptor in document.get("manifests", []) if isinstance(document, dict) else []:
                 if isinstance(descriptor, dict) and descriptor.get("digest") == str(digest):
-                    platform = descriptor.get("platform") or {}
+                    platform = descriptor.get("platform")
+                    if not isinstance(platform, dict):
+                        return None
                     parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
                     return "/".join(str(p) for p in parts if p) or None
         return None

@@ -527,3 +527,68 @@ async def test_volumes_can_be_imported_one_at_a_time_as_they_arrive(
     layer = next(d for d in big.blobs if len(big.blobs[d]) == 3 * MiB)
     assert (far / "blobs" / "sha256" / layer[7:9] / layer[7:]).read_bytes() == big.blobs[layer]
     assert not (far / "import-parts").exists() or not any((far / "import-parts").rglob("*.*")), "parts cleared"
+
+
+def rewrite_manifest(bundle: Path, change: Any) -> None:
+    path = bundle / "mirror-bundle.json"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+@pytest.fixture
+def directory_bundle(registry: Registry, tmp_path: Path) -> Path:
+    listing = tmp_path / "images.txt"
+    listing.write_text("alpine:3.19\nbusybox:1.36\n")
+    bundle = tmp_path / "dir-bundle"
+    mirror("export", "-f", listing, "-o", bundle, "--cache-dir", tmp_path / "near", upstream=registry.url)
+    return bundle
+
+
+def test_a_bundle_whose_tags_name_what_it_does_not_ship_tags_nothing(
+        directory_bundle: Path, registry: Registry, tmp_path: Path) -> None:
+    busybox = registry.images["docker"]
+    layer = next(d for d in busybox.blobs if d != json.loads(busybox.manifest)["config"]["digest"])
+
+    def lie(document: dict[str, Any]) -> None:
+        alpine = next(i for i in document["images"] if "alpine" in i["reference"])
+        alpine["manifests"] = []  # its tag would name a manifest the bundle does not list
+        alpine["upstream"], alpine["name"] = "evil.example", "../../weird"  # ignored: the reference says
+    rewrite_manifest(directory_bundle, lie)
+    (directory_bundle / "blobs" / "sha256" / layer.removeprefix("sha256:")).unlink()
+    run = mirror("import", directory_bundle, "--cache-dir", tmp_path / "far", "--json", check=False)
+    assert run.returncode == 1
+    result = json.loads(run.stdout)
+    assert sorted(result["incomplete"]) == ["docker.io/library/alpine:3.19", "docker.io/library/busybox:1.36"]
+    assert sqlite_tags(tmp_path / "far") == set(), "no tag names content that is not all here"
+
+
+@pytest.mark.parametrize("field", ["digest", "manifests", "referrer_tags", "reference"])
+def test_a_malformed_bundle_manifest_is_refused_by_name_without_a_traceback(
+        field: str, directory_bundle: Path, tmp_path: Path) -> None:
+    bad = {"digest": "sha256:zz", "manifests": ["sha512:" + "a" * 128], "referrer_tags": {"bad tag!": "x"},
+           "reference": "Not A Reference::"}[field]
+    rewrite_manifest(directory_bundle, lambda document: document["images"][0].__setitem__(field, bad))
+    run = mirror("import", directory_bundle, "--cache-dir", tmp_path / "far", check=False)
+    assert run.returncode == 2 and "mirror-bundle.json" in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_links_and_pipes_in_a_bundle_directory_are_not_followed(directory_bundle: Path, tmp_path: Path) -> None:
+    blobs = sorted((directory_bundle / "blobs" / "sha256").iterdir())
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"not part of the bundle")
+    linked = f"sha256:{hashlib.sha256(secret.read_bytes()).hexdigest()}"
+    os.symlink(secret, directory_bundle / "blobs" / "sha256" / linked.removeprefix("sha256:"))
+    blobs[0].unlink()
+    os.mkfifo(blobs[0])
+    run = mirror("import", directory_bundle, "--cache-dir", tmp_path / "far", "--json", check=False)
+    problems = json.loads(run.stdout)["problems"]
+    assert any(blobs[0].name in p and "not a regular file" in p for p in problems), problems
+    assert any(linked.removeprefix("sha256:") in p and "cannot be read" in p for p in problems), problems
+    assert f"blobs/sha256/{linked[7:9]}/{linked[7:]}" not in cache_files(tmp_path / "far")
+
+    manifest = directory_bundle / "mirror-bundle.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    refused = mirror("import", directory_bundle, "--cache-dir", tmp_path / "other", check=False)
+    assert refused.returncode == 2 and "not a regular file" in refused.stderr

@@ -182,3 +182,10 @@ async def test_seed_prewarms_a_running_mirror_through_its_api(
                 assert (response.status, await response.read(), response.headers["X-Mirror-Cache"]) == (
                     200, data, "HIT")
         assert counting.count("GET", "blobs") == 0
+
+
+def test_seed_against_a_mirror_that_does_not_answer_says_so(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "mirror", "seed", "--server", "http://127.0.0.1:9", "alpine:3.19"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 1
+    assert "failed docker.io/library/alpine:3.19" in run.stderr and "Traceback" not in run.stderr, run.stderr
