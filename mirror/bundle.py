@@ -30,6 +30,7 @@ to a path: each is read by the digest its name gives, and any other entry is ref
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ import shutil
 import socket
 import stat
 import tarfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -55,7 +57,7 @@ from mirror.index import TagRecord
 from mirror.metrics import Metrics
 from mirror.oci import Digest, manifest_media_type, manifest_references, parse_tag
 from mirror.progress import Reporter
-from mirror.seeding import INDEX_TYPES, CacheFetcher, Event, Seeded, Seeder, seed_all
+from mirror.seeding import INDEX_TYPES, CacheFetcher, Seeded, Seeder, reporting, seed_all
 from mirror.services import Services, open_services
 from mirror.storage import BlobStore
 
@@ -71,7 +73,7 @@ _STAGING = "import-parts"
 _CHUNK = 4 << 20
 # What a tar volume spends beside its blobs: a header per member, the end blocks and the padding
 # of the last record, and room for volume.json.
-_MEMBER_OVERHEAD = 1024
+_MEMBER_OVERHEAD = 1024 + 256  # a tar header and padding, and the member's line in volume.json
 _VOLUME_OVERHEAD = 64 << 10
 _MIN_VOLUME = 1 << 20
 # The most a bundle manifest or index.json may hold (a bundle of a million blobs is ~100 MB of JSON).
@@ -115,8 +117,8 @@ async def export(config: Config, specs: Sequence[ImageSpec], output: Path, volum
     check_output(output, volume_size)
     async with open_services(config, Metrics()) as services:
         with Reporter("fetching", len(specs), quiet) as reporter:
-            seeder = Seeder(CacheFetcher(services.proxy, services.index), _progress(reporter), pin=False)
-            images, failed = await seed_all(seeder, list(specs), False, lambda _: None)
+            seeder = Seeder(CacheFetcher(services.proxy, services.index), reporting(reporter), pin=False)
+            images, failed = await seed_all(seeder, list(specs), False)
         if failed:
             raise BundleError("; ".join(f"{spec} ({spec.source}): {error.message}" for spec, error in failed))
         sizes = _sizes(services.store, images)
@@ -130,15 +132,28 @@ async def export(config: Config, specs: Sequence[ImageSpec], output: Path, volum
             "omitted": sorted(set(sizes) - set(shipped)),
             "volumes": [],
         }
-        _check_space(output.parent if output.suffix == ".tar" else output, sum(shipped.values()))
-        with Reporter("writing", len(shipped), quiet) as reporter:
+        volumes = plan_volumes(shipped, volume_size) if volume_size is not None and output.suffix != ".tar" else []
+        _check_space(output.parent if output.suffix == ".tar" else output,
+                     sum(shipped.values()) - _already_written(output, shipped, volumes))
+        stop = threading.Event()
+        with Reporter("writing", len(volumes) or len(shipped), quiet, unit="volumes" if volumes else "blobs") \
+                as reporter:
             if output.suffix == ".tar":
-                await asyncio.to_thread(_write_tar, services.store, output, manifest, shipped, reporter)
-            elif volume_size is not None:
-                await asyncio.to_thread(_write_volumes, services.store, output, manifest, shipped, volume_size,
-                                        reporter)
+                write = functools.partial(_write_tar, services.store, output, manifest, shipped, reporter, stop)
+            elif volumes:
+                write = functools.partial(_write_volumes, services.store, output, manifest, shipped, volumes,
+                                          reporter, stop)
             else:
-                await asyncio.to_thread(_write_directory, services.store, output, manifest, shipped, reporter)
+                write = functools.partial(_write_directory, services.store, output, manifest, shipped, reporter,
+                                          stop)
+            writing = asyncio.ensure_future(asyncio.to_thread(write))
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                # Ctrl-C: the thread stops at the next file; what it finished is whole and kept.
+                stop.set()
+                writing.add_done_callback(lambda done: done.cancelled() or done.exception())
+                raise
         return manifest
 
 
@@ -148,15 +163,6 @@ def check_output(output: Path, volume_size: int | None) -> None:
         raise BundleError(f"--volume-size must be at least {_MIN_VOLUME} bytes")
     if volume_size is not None and output.suffix == ".tar":
         raise BundleError(f"--volume-size writes volumes into a directory, and {output} names one tar")
-
-
-def _progress(reporter: Reporter) -> Any:
-    def progress(event: Event) -> None:
-        if event.kind == "blob":
-            reporter.moved(event.bytes, event.reference)
-        else:
-            reporter.finished(event.reference)
-    return progress
 
 
 def _sizes(store: BlobStore, images: list[Seeded]) -> dict[str, int]:
@@ -202,11 +208,41 @@ def _check_space(where: Path, needed: int) -> None:
         raise BundleError(f"{where} has {free} bytes free; the bundle needs {needed}")
 
 
+def _already_written(output: Path, shipped: dict[str, int], volumes: list[Volume]) -> int:
+    """Bytes a previous run of the same export left whole, which a resumed run will not write again."""
+    if output.suffix == ".tar":
+        return 0
+    if volumes:
+        state = _read_json(output / _STATE_FILE) if (output / _STATE_FILE).exists() else {}
+        recorded = state.get("volumes")
+        if not isinstance(recorded, dict):
+            return 0
+        written = 0
+        for name, volume in recorded.items():
+            if isinstance(volume, dict) and isinstance(volume.get("size"), int) and (output / str(name)).exists():
+                written += volume["size"]
+        return written
+    blobs = output / "blobs" / "sha256"
+    return sum(size for digest, size in shipped.items()
+               if (blobs / digest.removeprefix("sha256:")).exists()
+               and (blobs / digest.removeprefix("sha256:")).stat().st_size == size)
+
+
+class _Stopped(Exception):
+    """The export was interrupted: the writer stops between two files."""
+
+
+def _go_on(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise _Stopped()
+
+
 def _write_directory(store: BlobStore, output: Path, manifest: dict[str, Any], shipped: dict[str, int],
-                     reporter: Reporter) -> None:
+                     reporter: Reporter, stop: threading.Event) -> None:
     blobs = output / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
     for digest, size in sorted(shipped.items()):
+        _go_on(stop)
         target = blobs / Digest.parse(digest).hex
         # Written under a temporary name and renamed once whole: a file under its digest is done.
         if not (target.exists() and target.stat().st_size == size):
@@ -214,14 +250,14 @@ def _write_directory(store: BlobStore, output: Path, manifest: dict[str, Any], s
                 def copy(out: BinaryIO, source: BinaryIO = source, size: int = size) -> None:
                     _copy(source, out, size)
                 _atomic_write(target, copy)
-        reporter.moved(size, digest[:19])
+        reporter.step(size, digest[:19])
     _atomic_bytes(output / "oci-layout", _OCI_LAYOUT)
     _atomic_bytes(output / "index.json", _layout_index(manifest, store))
     _atomic_bytes(output / BUNDLE_FILE, json.dumps(manifest, indent=2).encode())
 
 
 def _write_tar(store: BlobStore, output: Path, manifest: dict[str, Any], shipped: dict[str, int],
-               reporter: Reporter) -> None:
+               reporter: Reporter, stop: threading.Event) -> None:
     """One tar of the whole layout: what `ctr images import` loads."""
     def write(out: BinaryIO) -> None:
         with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
@@ -229,9 +265,10 @@ def _write_tar(store: BlobStore, output: Path, manifest: dict[str, Any], shipped
             _add_bytes(tar, "index.json", _layout_index(manifest, store))
             _add_bytes(tar, BUNDLE_FILE, json.dumps(manifest, indent=2).encode())
             for digest, size in sorted(shipped.items()):
+                _go_on(stop)
                 with _stored(store, digest) as source:
                     _add_file(tar, f"blobs/sha256/{Digest.parse(digest).hex}", source, size)
-                reporter.moved(size, digest[:19])
+                reporter.step(size, digest[:19])
     _atomic_write(output, write)
 
 
@@ -256,18 +293,15 @@ def plan_volumes(shipped: dict[str, int], volume_size: int) -> list[Volume]:
                 volumes.append(Volume(len(volumes) + 1))
             volumes[-1].parts.append(Part(digest, index, offset, min(part_size, size - offset)))
             used = room
-    if used == 0 and len(volumes) > 1:
-        volumes.pop()
     return volumes
 
 
 def _write_volumes(store: BlobStore, output: Path, manifest: dict[str, Any], shipped: dict[str, int],
-                   volume_size: int, reporter: Reporter) -> None:
+                   volumes: list[Volume], reporter: Reporter, stop: threading.Event) -> None:
     """The volumes, resuming: `_STATE_FILE` keeps the plan, the bundle id (volume.json names
     it, so a volume of another run is another volume) and each finished volume's checksum, and
     stays after the bundle is done so that a re-run rewrites nothing."""
     output.mkdir(parents=True, exist_ok=True)
-    volumes = plan_volumes(shipped, volume_size)
     # Lists and dicts only, so that the plan read back from JSON compares equal.
     plan = [{"blobs": v.blobs, "parts": [[p.digest, p.index, p.offset, p.size] for p in v.parts]} for v in volumes]
     state_path = output / _STATE_FILE
@@ -276,10 +310,11 @@ def _write_volumes(store: BlobStore, output: Path, manifest: dict[str, Any], shi
         state = {"plan": plan, "id": manifest["id"], "volumes": {}}
     manifest["id"] = state["id"]
     for volume in volumes:
+        _go_on(stop)
         path = output / volume.file
         recorded = state["volumes"].get(volume.file)
         if recorded is not None and _is_written(path, recorded):
-            reporter.moved(recorded["size"], f"{volume.file} (already written)")
+            reporter.step(recorded["size"], f"{volume.file} (already written)")
         else:
             def record(sha256: str, size: int, file: str = volume.file) -> None:
                 # Before the rename: a volume under its name is always one the state knows.
@@ -287,7 +322,7 @@ def _write_volumes(store: BlobStore, output: Path, manifest: dict[str, Any], shi
                 _atomic_bytes(state_path, json.dumps(state).encode())
             _write_volume(store, path, manifest["id"], volume, shipped, record)
             recorded = state["volumes"][volume.file]
-            reporter.moved(recorded["size"], volume.file)
+            reporter.step(recorded["size"], volume.file)
         manifest["volumes"].append({"file": volume.file, **recorded})
         for digest in volume.blobs:
             manifest["blobs"][digest]["volume"] = volume.number
@@ -508,7 +543,7 @@ async def import_bundle(config: Config, paths: Sequence[Path], name: str | None 
         result = Imported()
         needed = {d: s for d, s in sources.sizes.items() if services.store.size(Digest.parse(d)) is None}
         _check_space(config.cache_dir, sum(needed.values()))
-        with Reporter("importing", len(sources.sizes), quiet) as reporter:
+        with Reporter("importing", len(sources.sizes), quiet, unit="blobs") as reporter:
             await _load_blobs(services, sources, result, reporter)
         await _record(services, sources, images, result)
         if result.incomplete or result.problems:
@@ -837,7 +872,7 @@ async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: 
         return
     if store.size(digest) is not None:
         result.blobs_present += 1
-        reporter.moved(0, str(digest)[:19])
+        reporter.step(0, str(digest)[:19])
         return
     writer = store.writer(digest, size)
     # The next chunk is read while this one is hashed and written.
@@ -861,7 +896,7 @@ async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: 
     result.blobs_written += 1
     result.bytes_written += size
     sources.written[str(digest)] = size
-    reporter.moved(size, str(digest)[:19])
+    reporter.step(size, str(digest)[:19])
 
 
 async def _record(services: Services, sources: _Sources, images: list[_Image], result: Imported) -> None:

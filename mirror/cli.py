@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Write every image of a list (fetching what the cache lacks) as an OCI "
                                              "image layout with a bundle manifest: a directory, one tar (-o FILE.tar), "
                                              "or tar volumes of a fixed size, each with its checksum. A second run "
-                                             "writes only what is missing.")
+                                             "writes only what is missing (one .tar is written whole again).")
     export.add_argument("references", nargs="*", metavar="IMAGE", help="images as users write them")
     export.add_argument("-f", "--file", type=Path, metavar="FILE", help="an image list, as for seed")
     export.add_argument("-o", "--output", type=Path, required=True, metavar="PATH",

@@ -17,7 +17,9 @@ log = logging.getLogger("mirror.progress")
 
 
 class Reporter:
-    def __init__(self, what: str, items: int, quiet: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(self, what: str, items: int, quiet: bool = False, stream: TextIO | None = None,
+                 unit: str = "images") -> None:
+        """`items` of `unit` (images, blobs, volumes) make the bar; bytes and their rate ride along."""
         self._what = what
         self._stream = stream or sys.stderr
         self._live = not quiet and self._stream.isatty()
@@ -26,9 +28,8 @@ class Reporter:
         self._items = 0
         self._bytes = 0
         if self._live:
-            # The bar counts images (their sizes are not known ahead); bytes and rate ride along.
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("images, {task.fields[moved]}"), TimeElapsedColumn(),
+                                      TextColumn(unit + ", {task.fields[moved]}"), TimeElapsedColumn(),
                                       TimeRemainingColumn(), console=Console(file=self._stream), transient=False)
             self._task = self._progress.add_task(what, total=items, moved="0 bytes")
 
@@ -51,6 +52,11 @@ class Reporter:
             self._progress.update(self._task, description=f"{self._what} {what}", moved=decimal(self._bytes) + rate)
         elif not self._quiet:
             log.info("%s %s: %d bytes (%d in all)", self._what, what, size, self._bytes)
+
+    def step(self, size: int, what: str) -> None:
+        """One item of `size` bytes is done."""
+        self._bytes += size
+        self.finished(what)
 
     def finished(self, what: str) -> None:
         self._items += 1

@@ -28,10 +28,9 @@ from mirror.errors import (
     Unavailable,
 )
 from mirror.imagelist import ImageSpec
-from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, manifest_media_type
-from mirror.proxy import CacheResult, ManifestResult
+from mirror.oci import Digest, Reference, manifest_media_type
+from mirror.proxy import ACCEPT_ALL, CacheResult, ManifestResult
 
-ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
 _CHUNK = 4 << 20
 _BY_CODE: Mapping[str, type[MirrorError]] = {
     "MANIFEST_UNKNOWN": ManifestUnknown, "BLOB_UNKNOWN": BlobUnknown, "NAME_UNKNOWN": NameUnknown,

@@ -23,16 +23,15 @@ from mirror.errors import ManifestUnknown, MirrorError, NameUnknown
 from mirror.imagelist import ImageSpec, Platform
 from mirror.index import Index
 from mirror.metrics import Metrics
-from mirror.oci import DOCKER_MANIFEST_LIST, MANIFEST_MEDIA_TYPES, OCI_INDEX, Digest, Reference, parse_tag
+from mirror.oci import DOCKER_MANIFEST_LIST, OCI_INDEX, Digest, Reference, parse_tag
 from mirror.progress import Reporter
-from mirror.proxy import CachedBlob, ManifestResult, Proxy
+from mirror.proxy import ACCEPT_ALL, CachedBlob, ManifestResult, Proxy
 from mirror.remote import ServerFetcher
 from mirror.routing import Endpoint, Route
 from mirror.services import open_services
 
 log = logging.getLogger(__name__)
 
-ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
 INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 # Referrers of referrers (a signature of an SBOM) are followed this deep.
 REFERRER_DEPTH = 3
@@ -233,8 +232,7 @@ def _platform(value: object) -> str | None:
 Failure = tuple[ImageSpec, MirrorError]
 
 
-async def seed_all(seeder: Seeder, specs: list[ImageSpec], dry_run: bool,
-                   report: Callable[[Seeded | Failure], None]) -> tuple[list[Seeded], list[Failure]]:
+async def seed_all(seeder: Seeder, specs: list[ImageSpec], dry_run: bool) -> tuple[list[Seeded], list[Failure]]:
     """Every spec in turn; a reference that fails is reported and the rest go on."""
     done: list[Seeded] = []
     failed: list[Failure] = []
@@ -243,17 +241,14 @@ async def seed_all(seeder: Seeder, specs: list[ImageSpec], dry_run: bool,
             expanded = await seeder.expand(listed)
         except MirrorError as exc:
             failed.append((listed, exc))
-            report((listed, exc))
             continue
         for spec in expanded:
             try:
                 result = await seeder.seed(spec, dry_run)
             except MirrorError as exc:
                 failed.append((spec, exc))
-                report((spec, exc))
                 continue
             done.append(result)
-            report(result)
     return done, failed
 
 
@@ -263,17 +258,21 @@ async def seed(config: Config, specs: list[ImageSpec], dry_run: bool, quiet: boo
     through a running mirror's /v2 API (`server`). Interrupted, it keeps what was whole; run
     again, it fetches only the rest."""
     with Reporter("seeding", len(specs), quiet) as reporter:
-        def progress(event: Event) -> None:
-            if event.kind == "blob":
-                reporter.moved(event.bytes, event.reference)
-            else:
-                reporter.finished(event.reference)
         if server is not None:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect,
                                             sock_read=config.timeouts.read)
             async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
-                return await seed_all(Seeder(ServerFetcher(session, server), progress), specs, dry_run,
-                                      lambda _: None)
+                return await seed_all(Seeder(ServerFetcher(session, server), reporting(reporter)), specs, dry_run)
         async with open_services(config, Metrics()) as services:
-            seeder = Seeder(CacheFetcher(services.proxy, services.index), progress)
-            return await seed_all(seeder, specs, dry_run, lambda _: None)
+            seeder = Seeder(CacheFetcher(services.proxy, services.index), reporting(reporter))
+            return await seed_all(seeder, specs, dry_run)
+
+
+def reporting(reporter: Reporter) -> Progress:
+    """Seeding's events on a progress display: bytes as blobs arrive, a step per image."""
+    def progress(event: Event) -> None:
+        if event.kind == "blob":
+            reporter.moved(event.bytes, event.reference)
+        else:
+            reporter.finished(event.reference)
+    return progress

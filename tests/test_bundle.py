@@ -592,3 +592,32 @@ def test_links_and_pipes_in_a_bundle_directory_are_not_followed(directory_bundle
     os.mkfifo(manifest)
     refused = mirror("import", directory_bundle, "--cache-dir", tmp_path / "other", check=False)
     assert refused.returncode == 2 and "not a regular file" in refused.stderr
+
+
+async def test_ctrl_c_stops_an_export_between_two_files_and_the_same_command_finishes(
+        registry: Registry, big: PushedImage, tmp_path: Path) -> None:
+    listing = tmp_path / "images.txt"
+    listing.write_text("bundle/big:v1\nalpine:3.19\n")
+    bundle = tmp_path / "bundle"
+    command = ["export", "-f", str(listing), "-o", str(bundle), "--volume-size", "1MiB", "--cache-dir",
+               str(tmp_path / "cache"), "--upstream", f"docker.io={registry.url}"]
+    mirror(*command)  # fills the cache; the bundle is then written again from scratch
+    planned = len(list(bundle.glob("volume-*.tar")))
+    for leftover in bundle.iterdir():
+        leftover.unlink()
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "mirror", *command,
+                                                   stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(60):
+        while not (bundle / "volume-0001.tar").exists() and process.returncode is None:
+            await asyncio.sleep(0.002)
+        process.send_signal(signal.SIGINT)
+        _, err = await process.communicate()
+    assert process.returncode == 130, err.decode()[-2000:]
+    assert "run the same command again" in err.decode()
+    assert not (bundle / "mirror-bundle.json").exists()
+    stopped = {p.name: p.stat().st_ino for p in bundle.glob("volume-*.tar")}
+    assert 1 <= len(stopped) < planned, "it stopped at the next file, not at the end"
+    assert not list(bundle.glob(".*.partial"))
+    mirror(*command)
+    assert all((bundle / name).stat().st_ino == inode for name, inode in stopped.items())
+    assert (bundle / "mirror-bundle.json").exists()
