@@ -81,6 +81,7 @@ _JSON_LIMIT = 256 << 20
 _BLOB_NAME = re.compile(r"blobs/sha256/([0-9a-f]{64})")
 _PART_NAME = re.compile(r"parts/([0-9a-f]{64})\.(\d{1,6})")
 _VOLUME_NAME = re.compile(r"volume-\d{4,}\.tar")
+_LAYOUT_DIRS = ("", ".", "blobs", "blobs/sha256", "parts")
 _LAYOUT_FILES = ("oci-layout", "index.json", "volume.json", BUNDLE_FILE)
 _IMAGE_STRINGS = ("reference", "upstream", "name", "digest")
 
@@ -657,16 +658,16 @@ class _Sources:
         try:
             with tarfile.open(path, mode="r:") as tar:
                 for member in tar:
-                    _check_member(path, member)
-                    if member.name in ("index.json", BUNDLE_FILE):
+                    name = _check_member(path, member)
+                    if name in ("index.json", BUNDLE_FILE):
                         data = _member_bytes(tar, member, path)
                         try:
                             document = json.loads(data)
                         except ValueError:
-                            raise BundleError(f"{path}: {member.name} is not JSON") from None
+                            raise BundleError(f"{path}: {name} is not JSON") from None
                         if not isinstance(document, dict):
-                            raise BundleError(f"{path}: {member.name} is not a JSON object")
-                        if member.name == BUNDLE_FILE:
+                            raise BundleError(f"{path}: {name} is not a JSON object")
+                        if name == BUNDLE_FILE:
                             self._set_bundle(document, path)
                         else:
                             self.layout_index = document
@@ -737,13 +738,18 @@ def _layout_image(config: Config, descriptor: object, name: str | None) -> _Imag
     return _Image(upstream.name, repository, tag, str(descriptor["digest"]), None, full)
 
 
-def _check_member(path: Path, member: tarfile.TarInfo) -> None:
-    """Only regular files under the names a layout or volume has; anything else (an absolute
-    path, `..`, a link, a device) is refused before a byte of it is read."""
+def _check_member(path: Path, member: tarfile.TarInfo) -> str | None:
+    """The layout name of a tar entry (`./` as other tools write it, taken off), or None for one
+    of the layout's own directories, which is skipped. Only regular files under the names a
+    layout or volume has are read; anything else (an absolute path, `..`, a link, a device) is
+    refused before a byte of it is read."""
+    name = member.name.removeprefix("./")
+    if member.isdir() and name.rstrip("/") in _LAYOUT_DIRS:
+        return None
     if not member.isreg():
         raise BundleError(f"{path}: entry {member.name!r} is not a regular file: refused")
-    if member.name in _LAYOUT_FILES or _BLOB_NAME.fullmatch(member.name) or _PART_NAME.fullmatch(member.name):
-        return
+    if name in _LAYOUT_FILES or _BLOB_NAME.fullmatch(name) or _PART_NAME.fullmatch(name):
+        return name
     raise BundleError(f"{path}: entry {member.name!r} is not part of a bundle: refused")
 
 
@@ -776,13 +782,14 @@ async def _load_blobs(services: Services, sources: _Sources, result: Imported, r
         try:
             with tarfile.open(tar_path, mode="r:") as tar:
                 for member in tar:
-                    _check_member(tar_path, member)
-                    if match := _BLOB_NAME.fullmatch(member.name):
+                    if (name := _check_member(tar_path, member)) is None:
+                        continue
+                    if match := _BLOB_NAME.fullmatch(name):
                         entry = tar.extractfile(member)
                         assert entry is not None
                         await _put(store, Digest(match[1]), _chunks(entry), member.size,
-                                   f"{tar_path}:{member.name}", result, reporter, sources)
-                    elif match := _PART_NAME.fullmatch(member.name):
+                                   f"{tar_path}:{name}", result, reporter, sources)
+                    elif match := _PART_NAME.fullmatch(name):
                         parts[(f"sha256:{match[1]}", int(match[2]))] = (tar_path, member)
         except tarfile.TarError as exc:
             result.problems.append(f"{tar_path}: not a readable tar ({exc}): skipped")
@@ -939,6 +946,8 @@ async def _record_image(services: Services, image: _Image, result: Imported) -> 
     tags = {**image.referrer_tags, **({image.tag: image.digest} if image.tag is not None else {})}
     for tag, digest in tags.items():
         await index.set_tag(image.upstream, image.name, tag, TagRecord(Digest.parse(digest), time.time()))
+    for reference in (*tags, *manifests):
+        await index.clear_miss(image.upstream, image.name, reference)
     for digest in manifests:
         await index.pin(Digest.parse(digest))
     return True

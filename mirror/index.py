@@ -382,6 +382,11 @@ class Index:
             "DO UPDATE SET count = count + 1, last_seen = excluded.last_seen",
             (upstream, name, reference, kind, self._clock())))
 
+    async def clear_miss(self, upstream: str, name: str, reference: str) -> None:
+        """A miss that seeding or an import has since filled."""
+        await self._run(lambda: self.db.execute(
+            "DELETE FROM misses WHERE upstream = ? AND name = ? AND reference = ?", (upstream, name, reference)))
+
     async def cached_tags(self, upstream: str, name: str) -> list[str]:
         return await self._run(lambda: [row[0] for row in self.db.execute(
             "SELECT tag FROM tags WHERE upstream = ? AND name = ?", (upstream, name))])

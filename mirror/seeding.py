@@ -10,6 +10,7 @@ cosign's `.sig`, `.att` and `.sbom` tags, with their own referrers in turn.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -19,7 +20,7 @@ from typing import Protocol
 import aiohttp
 
 from mirror.config import Config
-from mirror.errors import ManifestUnknown, MirrorError, NameUnknown
+from mirror.errors import CacheWriteError, ManifestUnknown, MirrorError, NameUnknown
 from mirror.imagelist import ImageSpec, Platform
 from mirror.index import Index
 from mirror.metrics import Metrics
@@ -91,7 +92,11 @@ class CacheFetcher:
         self._index = index
 
     async def manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
-        return await self._proxy.manifest(Route(spec.upstream, spec.name, Endpoint.MANIFEST, reference), ACCEPT_ALL)
+        result = await self._proxy.manifest(Route(spec.upstream, spec.name, Endpoint.MANIFEST, reference), ACCEPT_ALL)
+        # What an offline mirror on this cache lacked is a miss no more (if the index can say so).
+        with contextlib.suppress(CacheWriteError):
+            await self._index.clear_miss(spec.upstream.name, spec.name, str(reference))
+        return result
 
     async def blob(self, spec: ImageSpec, digest: Digest) -> tuple[int, bool]:
         blob = await self._proxy.blob(Route(spec.upstream, spec.name, Endpoint.BLOB, Reference(digest=digest)))

@@ -621,3 +621,13 @@ async def test_ctrl_c_stops_an_export_between_two_files_and_the_same_command_fin
     mirror(*command)
     assert all((bundle / name).stat().st_ino == inode for name, inode in stopped.items())
     assert (bundle / "mirror-bundle.json").exists()
+
+
+def test_a_layout_tarred_by_another_tool_imports(directory_bundle: Path, tmp_path: Path) -> None:
+    """GNU tar writes `./` before every name and an entry for every directory."""
+    archive = tmp_path / "layout.tar"
+    subprocess.run(["tar", "-C", str(directory_bundle), "-cf", str(archive), "."], check=True)
+    assert "./blobs/sha256/" in subprocess.run(["tar", "-tf", str(archive)], capture_output=True, text=True,
+                                               check=True).stdout
+    result = json.loads(mirror("import", archive, "--cache-dir", tmp_path / "far", "--json").stdout)
+    assert sorted(result["images"]) == ["docker.io/library/alpine:3.19", "docker.io/library/busybox:1.36"]

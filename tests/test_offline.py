@@ -36,9 +36,11 @@ async def test_offline_serves_the_cache_sends_nothing_upstream_and_records_misse
     await online.server.close()
 
     counting.reset()
-    async with await Served.start("--cache-dir", cache, "--upstream", f"docker.io={counting.url}",
-                                  "--offline") as offline:
-        # tag_ttl was 1 s and more has passed: offline, a tag is served as it is, without a question.
+    # A TTL of 0: online, every request would revalidate the tag.
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"upstreams:\n  - {{name: docker.io, url: '{counting.url}', tag_ttl: 0}}\n")
+    async with await Served.start("--config", config, "--cache-dir", cache, "--offline") as offline:
+        # Offline, a tag is served as it is, whatever its age, without a question upstream.
         for path, expected in paths.items():
             async with client.get(f"{offline.url}{path}", headers={"Accept": ACCEPT}) as response:
                 assert (response.status, await response.read()) == (200, expected), path
@@ -89,3 +91,6 @@ async def test_seed_from_misses_fetches_what_the_offline_mirror_lacked(
     assert (result["reference"], result["digest"]) == ("docker.io/library/busybox:1.36",
                                                        registry.images["docker"].digest)
     assert result["pinned"]
+    listed = subprocess.run([sys.executable, "-m", "mirror", "misses", "--cache-dir", str(cache), "--json"],
+                            capture_output=True, text=True, check=True).stdout
+    assert json.loads(listed) == [], "a miss seeding filled is a miss no more"
