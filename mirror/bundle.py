@@ -55,7 +55,7 @@ from mirror.errors import ConfigError, IntegrityError, MirrorError
 from mirror.imagelist import ImageSpec, parse_reference
 from mirror.index import TagRecord
 from mirror.metrics import Metrics
-from mirror.oci import Digest, manifest_media_type, manifest_references, parse_tag
+from mirror.oci import Digest, is_tag, manifest_media_type, manifest_references, parse_tag
 from mirror.progress import Reporter
 from mirror.seeding import INDEX_TYPES, CacheFetcher, Seeded, Seeder, reporting, seed_all
 from mirror.services import Services, open_services
@@ -724,7 +724,7 @@ def _layout_image(config: Config, descriptor: object, name: str | None) -> _Imag
     ref_name = annotations.get("io.containerd.image.name") or annotations.get("org.opencontainers.image.ref.name")
     if name is not None:
         tag = annotations.get("org.opencontainers.image.ref.name")
-        full = f"{name}:{tag}" if tag and re.fullmatch(r"[\w][\w.-]{0,127}", tag) else f"{name}@{descriptor['digest']}"
+        full = f"{name}:{tag}" if tag and is_tag(tag) else f"{name}@{descriptor['digest']}"
     elif ref_name and ("/" in ref_name or ":" in ref_name or "@" in ref_name):
         full = ref_name
     else:

@@ -48,6 +48,17 @@ class Platform:
             raise ValueError(f"{value!r} is not a platform such as linux/amd64 or linux/arm/v7")
         return cls(*parts)
 
+    @classmethod
+    def of(cls, descriptor_platform: object) -> Platform | None:
+        """The platform an index descriptor names, if it names one."""
+        if not isinstance(descriptor_platform, dict):
+            return None
+        os_, architecture = descriptor_platform.get("os"), descriptor_platform.get("architecture")
+        if not os_ or not architecture:
+            return None
+        variant = descriptor_platform.get("variant")
+        return cls(str(os_), str(architecture), str(variant) if variant else None)
+
     def matches(self, descriptor_platform: object) -> bool:
         if not isinstance(descriptor_platform, dict):
             return False

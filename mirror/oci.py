@@ -64,9 +64,14 @@ def parse_name(value: str) -> str:
     return value
 
 
+def is_tag(value: str) -> bool:
+    """Whether `value` is a tag, as the spec's grammar allows it (at most 128 characters; no
+    `/`, `:` or leading `.`)."""
+    return _TAG_RE.fullmatch(value) is not None
+
+
 def parse_tag(value: str) -> str:
-    """A tag, as the spec's grammar allows it (at most 128 characters; no `/`, `:` or leading `.`)."""
-    if not _TAG_RE.fullmatch(value):
+    if not is_tag(value):
         raise TagInvalid(f"invalid tag {value[:100]!r}")
     return value
 
@@ -85,7 +90,7 @@ class Reference:
         MANIFEST_UNKNOWN, not a 400, and clients and conformance checks expect it."""
         if ":" in value:
             return cls(digest=Digest.parse(value))
-        if not _TAG_RE.fullmatch(value):
+        if not is_tag(value):
             raise ManifestUnknown(f"no manifest can have the reference {value[:100]!r}: it is not a tag or a digest",
                                   {"reference": value[:100]})
         return cls(tag=value)

@@ -178,8 +178,8 @@ class Seeder:
                 continue  # an index may name a child twice
             results.append(child)
             seeded.manifests.append(str(child.digest))
-            if (platform := _platform(descriptor.get("platform"))) is not None:
-                seeded.platforms_present.append(platform)
+            if (platform := Platform.of(descriptor.get("platform"))) is not None:
+                seeded.platforms_present.append(str(platform))
         return results
 
     async def _blobs(self, spec: ImageSpec, image: ManifestResult, seeded: Seeded) -> None:
@@ -225,13 +225,6 @@ class Seeder:
                     await self._blobs(spec, referrer, seeded)
                 if depth > 1:
                     await self._referrers(spec, referrer.digest, seeded, dry_run, depth - 1)
-
-
-def _platform(value: object) -> str | None:
-    if not isinstance(value, dict) or not value.get("os") or not value.get("architecture"):
-        return None
-    return str(Platform(str(value["os"]), str(value["architecture"]),
-                        str(value["variant"]) if value.get("variant") else None))
 
 
 Failure = tuple[ImageSpec, MirrorError]

@@ -26,6 +26,7 @@ from mirror.config import Config
 from mirror.errors import CacheWriteError
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
+from mirror.imagelist import Platform
 from mirror.index import INDEX_FILE, Index
 from mirror.metrics import Metrics
 from mirror.oci import Digest
@@ -126,11 +127,8 @@ def _platform_of(store: BlobStore, index: Index) -> Callable[[Digest], Awaitable
                 continue
             for descriptor in document.get("manifests", []) if isinstance(document, dict) else []:
                 if isinstance(descriptor, dict) and descriptor.get("digest") == str(digest):
-                    platform = descriptor.get("platform")
-                    if not isinstance(platform, dict):
-                        return None
-                    parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
-                    return "/".join(str(p) for p in parts if p) or None
+                    platform = Platform.of(descriptor.get("platform"))
+                    return None if platform is None else str(platform)
         return None
     return platform_of
 
