@@ -25,23 +25,22 @@ import pytest
 
 from tests.conftest import Counting, Registry, require_binary
 from tests.support.clients import Containerd, DockerDaemon, Podman, Sandbox
+from tests.support.disks import mount_tmpfs, resize_tmpfs, unmount
 from tests.support.images import (
-    OCI_CONFIG,
     OCI_MANIFEST,
     PushedImage,
     digest_of,
     host_architecture,
     push_blob,
     push_manifest,
+    push_raw_image,
 )
+from tests.support.pulls import ACCEPT
 from tests.support.served import Served
 from tests.support.skopeo import copy, skopeo_run
 from tests.support.snippets import snippet
 
 MiB = 1 << 20
-ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-                    "application/vnd.docker.distribution.manifest.list.v2+json",
-                    "application/vnd.docker.distribution.manifest.v2+json"])
 LIST = """
 images:
   - alpine:3.19
@@ -62,22 +61,10 @@ def mirror(*args: str | Path, upstream: str | None = None, check: bool = True) -
     return run
 
 
-def push_raw(base_url: str, name: str, tag: str, layers: list[bytes]) -> PushedImage:
-    config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [digest_of(x) for x in layers]}}).encode()
-    blobs = {push_blob(base_url, name, blob): blob for blob in [*layers, config]}
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": digest_of(config)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "size": len(x),
-                                       "digest": digest_of(x)} for x in layers]}).encode()
-    digest = push_manifest(base_url, name, tag, manifest, OCI_MANIFEST)
-    return PushedImage(name, tag, digest, OCI_MANIFEST, manifest, blobs)
-
-
 @pytest.fixture(scope="module")
 def big(registry: Registry) -> PushedImage:
     """An image with a 3 MiB layer: larger than a 1 MiB volume, so it travels in parts."""
-    return push_raw(registry.url, "bundle/big", "v1", [random.Random("big").randbytes(3 * MiB)])
+    return push_raw_image(registry.url, "bundle/big", "v1", [random.Random("big").randbytes(3 * MiB)])
 
 
 def image_list(tmp_path: Path) -> Path:
@@ -427,7 +414,7 @@ async def test_referrers_travel_with_their_image_and_are_served_offline_by_their
     """A cosign signature (`sha256-<hex>.sig`), an SBOM listed in the fallback referrers index
     (`sha256-<hex>`), and the SBOM's own signature: seeded, exported, imported and served
     offline under the tags clients look them up by."""
-    image = push_raw(registry.url, "bundle/signed", "v1", [random.Random("signed").randbytes(4096)])
+    image = push_raw_image(registry.url, "bundle/signed", "v1", [random.Random("signed").randbytes(4096)])
     image_hex = image.digest.removeprefix("sha256:")
     signature, signature_body = push_artifact(registry.url, image.name, f"sha256-{image_hex}.sig",
                                               b'{"critical": "simple signing"}',
@@ -460,15 +447,10 @@ async def test_referrers_travel_with_their_image_and_are_served_offline_by_their
         assert status == 200, "the signature of the SBOM came along too"
 
 
-def mount_tmpfs(path: Path, size: int) -> None:
+def small_disk(path: Path, size: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                           capture_output=True, check=False).returncode != 0:
-        pytest.skip("no small filesystem to fill here (mounting a tmpfs needs root)")
-
-
-def resize_tmpfs(path: Path, size: int) -> None:
-    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+    if (reason := mount_tmpfs(path, str(size))) is not None:
+        pytest.skip(f"no small filesystem to fill here: {reason}")
 
 
 async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes(
@@ -476,7 +458,7 @@ async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes
     listing = tmp_path / "images.txt"
     listing.write_text("bundle/big:v1\nalpine:3.19\n")
     usb = tmp_path / "usb"
-    mount_tmpfs(usb, 2 * MiB)
+    small_disk(usb, 2 * MiB)
     try:
         export: list[str | Path] = ["export", "-f", listing, "-o", usb / "bundle", "--volume-size", "1MiB",
                   "--cache-dir", tmp_path / "near"]
@@ -487,7 +469,7 @@ async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes
         # Room for the blobs, not for the volumes' own bytes: it runs out of disk part-way.
         shipped = sum(len(b) for b in big.blobs.values()) + len(big.manifest) + sum(
             len(b) for b in registry.images["single"].blobs.values()) + len(registry.images["single"].manifest)
-        resize_tmpfs(usb, shipped + 16 * 1024)
+        resize_tmpfs(usb, str(shipped + 16 * 1024))
         full = mirror(*export, upstream=registry.url, check=False)
         assert full.returncode == 1 and "No space left" in full.stderr, full.stderr
         written = {p.name: p.stat().st_ino for p in (usb / "bundle").glob("volume-*.tar")}
@@ -495,14 +477,14 @@ async def test_a_disk_too_small_is_said_up_front_and_a_disk_full_mid_way_resumes
         assert not list((usb / "bundle").glob(".*.partial")), "no partial volume is left behind"
         assert not (usb / "bundle" / "mirror-bundle.json").exists()
 
-        resize_tmpfs(usb, 8 * MiB)
+        resize_tmpfs(usb, str(8 * MiB))
         mirror(*export, upstream=registry.url)
         after = {p.name: p.stat().st_ino for p in (usb / "bundle").glob("volume-*.tar")}
         assert all(after[name] == inode for name, inode in written.items()), "a finished volume was rewritten"
         result = json.loads(mirror("import", usb / "bundle", "--cache-dir", tmp_path / "far", "--json").stdout)
         assert sorted(result["images"]) == ["docker.io/bundle/big:v1", "docker.io/library/alpine:3.19"]
     finally:
-        subprocess.run(["umount", "-l", str(usb)], check=False)
+        unmount(usb)
 
 
 async def test_volumes_can_be_imported_one_at_a_time_as_they_arrive(
@@ -515,7 +497,14 @@ async def test_volumes_can_be_imported_one_at_a_time_as_they_arrive(
     volumes = sorted(bundle.glob("volume-*.tar"))
     assert len(volumes) >= 3
     far = tmp_path / "far"
-    for n, volume in enumerate(reversed(volumes), 1):
+    manifest = json.loads((bundle / "mirror-bundle.json").read_text())
+    layer = next(d for d in big.blobs if len(big.blobs[d]) == 3 * MiB)
+    with_parts = {f"volume-{part['volume']:04d}.tar" for part in manifest["blobs"][layer]["parts"]}
+    # The other volumes first; then those holding parts of the layer, last to first, so that
+    # the layer is whole only with the last one.
+    volumes = [*(v for v in volumes if v.name not in with_parts),
+               *sorted((v for v in volumes if v.name in with_parts), reverse=True)]
+    for n, volume in enumerate(volumes, 1):
         run = mirror("import", volume, bundle / "mirror-bundle.json", "--cache-dir", far, "--json", check=False)
         result = json.loads(run.stdout)
         if n < len(volumes):
@@ -524,7 +513,6 @@ async def test_volumes_can_be_imported_one_at_a_time_as_they_arrive(
         else:
             assert run.returncode == 0, result
             assert result["images"] == ["docker.io/bundle/big:v1"]
-    layer = next(d for d in big.blobs if len(big.blobs[d]) == 3 * MiB)
     assert (far / "blobs" / "sha256" / layer[7:9] / layer[7:]).read_bytes() == big.blobs[layer]
     assert not (far / "import-parts").exists() or not any((far / "import-parts").rglob("*.*")), "parts cleared"
 

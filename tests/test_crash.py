@@ -29,7 +29,6 @@ import logging
 import os
 import random
 import sqlite3
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,14 +41,12 @@ import pytest
 import mirror.storage
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest
 from tests.conftest import Counting, MirrorFactory, Registry
+from tests.support.disks import mount_tmpfs, unmount
 from tests.support.images import (
-    OCI_CONFIG,
-    OCI_MANIFEST,
     PushedImage,
     digest_of,
-    push_blob,
     push_index,
-    push_manifest,
+    push_raw_image,
 )
 from tests.support.passthrough import Passthrough, passthrough
 from tests.support.pulls import Clock
@@ -62,31 +59,11 @@ TIMEOUT = 30.0
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 CACHE = "X-Mirror-Cache"
 UPSTREAM = "docker.io"
-RAW_LAYER = "application/vnd.oci.image.layer.v1.tar"
 BIG = "crash/big"
 BIG_SIZES = (8 * MiB, 16 * MiB, 24 * MiB, 32 * MiB)
 
 
 # Content the upstream holds, and what the test expects back byte for byte.
-
-
-def _json(document: object) -> bytes:
-    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
-
-
-def push_raw_image(base_url: str, name: str, tag: str, layers: list[bytes]) -> PushedImage:
-    """An OCI image whose layers are opaque bytes (no gzip to spend time on): the mirror and
-    skopeo's dir: transport only care about digests."""
-    config = _json({"architecture": "amd64", "os": "linux",
-                    "rootfs": {"type": "layers", "diff_ids": [digest_of(layer) for layer in layers]}})
-    blobs = {push_blob(base_url, name, blob): blob for blob in [*layers, config]}
-    manifest = _json({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": digest_of(config)},
-        "layers": [{"mediaType": RAW_LAYER, "size": len(layer), "digest": digest_of(layer)} for layer in layers],
-    })
-    digest = push_manifest(base_url, name, tag, manifest, OCI_MANIFEST)
-    return PushedImage(name, tag, digest, OCI_MANIFEST, manifest, blobs)
 
 
 @dataclass
@@ -566,26 +543,6 @@ class InjectedOs(Disk):
 
     def free_up(self) -> None:
         self.room = None
-
-
-def mount_tmpfs(path: Path, size: str) -> str | None:
-    """Mount a tmpfs; None on success, else why it cannot be done here."""
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root"
-    try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True, timeout=TIMEOUT)
-    except OSError as exc:
-        return f"cannot run mount: {exc}"
-    if result.returncode != 0:
-        return f"mount -t tmpfs failed: {result.stderr.strip()}"
-    return None
-
-
-def unmount(path: Path) -> None:
-    if subprocess.run(["umount", str(path)], capture_output=True, timeout=TIMEOUT).returncode != 0:
-        subprocess.run(["umount", "-l", str(path)], check=True, timeout=TIMEOUT)
-        pytest.fail(f"{path} was still busy at unmount (the mirror kept a file open); lazily unmounted")
 
 
 @pytest.fixture(params=["tmpfs", "injected-enospc"])

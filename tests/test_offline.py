@@ -14,11 +14,8 @@ import aiohttp
 from mirror.config import load
 from mirror.imagelist import load_list
 from tests.conftest import Counting, MirrorFactory, Registry
+from tests.support.pulls import ACCEPT
 from tests.support.served import Served
-
-ACCEPT = ", ".join(["application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
-                    "application/vnd.docker.distribution.manifest.list.v2+json",
-                    "application/vnd.docker.distribution.manifest.v2+json"])
 
 
 async def test_offline_serves_the_cache_sends_nothing_upstream_and_records_misses(
@@ -37,9 +34,9 @@ async def test_offline_serves_the_cache_sends_nothing_upstream_and_records_misse
 
     counting.reset()
     # A TTL of 0: online, every request would revalidate the tag.
-    config = tmp_path / "mirror.yaml"
-    config.write_text(f"upstreams:\n  - {{name: docker.io, url: '{counting.url}', tag_ttl: 0}}\n")
-    async with await Served.start("--config", config, "--cache-dir", cache, "--offline") as offline:
+    config_file = tmp_path / "mirror.yaml"
+    config_file.write_text(f"upstreams:\n  - {{name: docker.io, url: '{counting.url}', tag_ttl: 0}}\n")
+    async with await Served.start("--config", config_file, "--cache-dir", cache, "--offline") as offline:
         # Offline, a tag is served as it is, whatever its age, without a question upstream.
         for path, expected in paths.items():
             async with client.get(f"{offline.url}{path}", headers={"Accept": ACCEPT}) as response:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import aiohttp
 import pytest
@@ -51,6 +52,13 @@ async def circuit_state(client: aiohttp.ClientSession, mirror: Mirror) -> float:
             if line.startswith('mirror_upstream_circuit_state{upstream="docker.io"}'):
                 return float(line.rsplit(" ", 1)[1])
     raise AssertionError("no mirror_upstream_circuit_state for docker.io")
+
+
+async def all_but_one_answered(requests: Sequence[asyncio.Future[Fetched]]) -> None:
+    """Until every request but one (the one the fake holds) has its answer."""
+    async with asyncio.timeout(TIMEOUT):
+        while sum(r.done() for r in requests) < len(requests) - 1:
+            await asyncio.wait([r for r in requests if not r.done()], return_when=asyncio.FIRST_COMPLETED)
 
 
 async def settle(mirror: Mirror) -> None:
@@ -130,9 +138,7 @@ async def test_the_breaker_backs_off_exponentially_with_one_probe_at_a_time(
         fake.failing = Forced(500, gate=gate)
         racing = [asyncio.ensure_future(pull_manifest(client, mirror, NAME, tag)) for tag in tags]
         # The probe is held by the fake: every other request is answered meanwhile.
-        async with asyncio.timeout(TIMEOUT):
-            while sum(r.done() for r in racing) < len(racing) - 1:
-                await asyncio.wait([r for r in racing if not r.done()], return_when=asyncio.FIRST_COMPLETED)
+        await all_but_one_answered(racing)
         turned_away = [r.result() for r in racing if r.done()]
         gate.set()
         results = await asyncio.gather(*racing)
@@ -340,9 +346,7 @@ async def test_once_a_request_failed_concurrent_requests_send_one_at_a_time(
     assert (await first).status == 503
     gate.clear()
     burst = [asyncio.ensure_future(pull_manifest(client, mirror, NAME, tag)) for tag in tags]
-    async with asyncio.timeout(TIMEOUT):
-        while sum(r.done() for r in burst) < len(burst) - 1:
-            await asyncio.wait([r for r in burst if not r.done()], return_when=asyncio.FIRST_COMPLETED)
+    await all_but_one_answered(burst)
     gate.set()
     results = await asyncio.gather(*burst)
     assert all(r.status == 503 for r in results)

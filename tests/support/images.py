@@ -26,6 +26,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+RAW_LAYER = "application/vnd.oci.image.layer.v1.tar"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -466,3 +467,18 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     for diff_id in diff_ids:
         chain.append(diff_id if not chain else digest_of(f"{chain[-1]} {diff_id}".encode()))
     return chain
+
+
+def push_raw_image(base_url: str, name: str, tag: str, layers: list[bytes]) -> PushedImage:
+    """An OCI image whose layers are opaque bytes (no gzip to spend time on): the mirror and
+    skopeo's dir: transport only care about digests."""
+    config = _dumps({"architecture": "amd64", "os": "linux",
+                     "rootfs": {"type": "layers", "diff_ids": [digest_of(layer) for layer in layers]}})
+    blobs = {push_blob(base_url, name, blob): blob for blob in [*layers, config]}
+    manifest = _dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": digest_of(config)},
+        "layers": [{"mediaType": RAW_LAYER, "size": len(layer), "digest": digest_of(layer)} for layer in layers],
+    })
+    digest = push_manifest(base_url, name, tag, manifest, OCI_MANIFEST)
+    return PushedImage(name, tag, digest, OCI_MANIFEST, manifest, blobs)
