@@ -43,8 +43,8 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -59,7 +59,7 @@ from mirror.oci import Digest, is_tag, manifest_media_type, manifest_references,
 from mirror.progress import Reporter
 from mirror.seeding import INDEX_TYPES, CacheFetcher, Seeded, Seeder, reporting, seed_all
 from mirror.services import Services, open_services
-from mirror.storage import BlobStore
+from mirror.storage import BlobStore, Extent
 
 log = logging.getLogger(__name__)
 
@@ -746,7 +746,7 @@ def _check_member(path: Path, member: tarfile.TarInfo) -> str | None:
     name = member.name.removeprefix("./")
     if member.isdir() and name.rstrip("/") in _LAYOUT_DIRS:
         return None
-    if not member.isreg():
+    if not member.isreg() or member.issparse():
         raise BundleError(f"{path}: entry {member.name!r} is not a regular file: refused")
     if name in _LAYOUT_FILES or _BLOB_NAME.fullmatch(name) or _PART_NAME.fullmatch(name):
         return name
@@ -773,21 +773,19 @@ async def _load_blobs(services: Services, sources: _Sources, result: Imported, r
                 result.problems.append(f"{exc}: not imported")
                 continue
             with source:
-                await _put(store, Digest(path.name), _chunks(source), os.fstat(source.fileno()).st_size, str(path),
-                           result, reporter, sources)
+                await _put(store, Digest(path.name), [Extent(source.fileno(), 0, os.fstat(source.fileno()).st_size)],
+                           str(path), result, reporter, sources)
     # Parts are found here and joined below, straight from their volumes into one verified
     # write: volumes come in any order, and nothing is staged on disk on the way.
     parts: dict[tuple[str, int], tuple[Path, tarfile.TarInfo]] = {}
     for tar_path in sources.verified_volumes(result):
         try:
-            with tarfile.open(tar_path, mode="r:") as tar:
+            with open(tar_path, "rb") as volume, tarfile.open(fileobj=volume, mode="r:") as tar:
                 for member in tar:
                     if (name := _check_member(tar_path, member)) is None:
                         continue
                     if match := _BLOB_NAME.fullmatch(name):
-                        entry = tar.extractfile(member)
-                        assert entry is not None
-                        await _put(store, Digest(match[1]), _chunks(entry), member.size,
+                        await _put(store, Digest(match[1]), [_extent(volume, member)],
                                    f"{tar_path}:{name}", result, reporter, sources)
                     elif match := _PART_NAME.fullmatch(name):
                         parts[(f"sha256:{match[1]}", int(match[2]))] = (tar_path, member)
@@ -828,9 +826,9 @@ async def _join_parts(store: BlobStore, sources: _Sources, parts: dict[tuple[str
             continue
         present = [part for part in found if part is not None]
         try:
-            with closing(_part_chunks(present)) as chunks:
-                await _put(store, Digest.parse(digest), chunks, sum(_part_size(part) for part in present),
-                           f"{len(present)} parts", result, reporter, sources)
+            with ExitStack() as files:
+                extents = [_part_extent(files, part) for part in present]
+                await _put(store, Digest.parse(digest), extents, f"{len(present)} parts", result, reporter, sources)
         except (tarfile.TarError, OSError) as exc:
             result.problems.append(f"{digest}: a part could not be read ({exc}): not imported")
             continue
@@ -846,33 +844,25 @@ def _stage(volume: Path, member: tarfile.TarInfo, target: Path) -> None:
         _atomic_write(target, lambda out: shutil.copyfileobj(entry, out, _CHUNK))
 
 
-def _part_size(part: tuple[Path, tarfile.TarInfo | None]) -> int:
+def _extent(volume: BinaryIO, member: tarfile.TarInfo) -> Extent:
+    """Where a tar entry's bytes lie in its volume (regular entries only: `_check_member`)."""
+    return Extent(volume.fileno(), member.offset_data, member.size)
+
+
+def _part_extent(files: ExitStack, part: tuple[Path, tarfile.TarInfo | None]) -> Extent:
+    """A part of a split blob: in the volume that holds it, or where an earlier run kept it."""
     path, member = part
-    return member.size if member is not None else path.stat().st_size
+    source = files.enter_context(open(path, "rb"))
+    if member is None:
+        return Extent(source.fileno(), 0, os.fstat(source.fileno()).st_size)
+    return Extent(source.fileno(), member.offset_data, member.size)
 
 
-def _chunks(source: IO[bytes]) -> Iterator[bytes]:
-    return iter(lambda: source.read(_CHUNK), b"")
-
-
-def _part_chunks(parts: list[tuple[Path, tarfile.TarInfo | None]]) -> Generator[bytes, None, None]:
-    """The parts of a split blob as one stream, in order: from the volumes that hold them, or
-    from where an earlier run kept them."""
-    for path, member in parts:
-        if member is None:
-            with open(path, "rb") as staged:
-                yield from _chunks(staged)
-            continue
-        with tarfile.open(path, mode="r:") as tar:
-            entry = tar.extractfile(member)
-            assert entry is not None
-            yield from _chunks(entry)
-
-
-async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: int, where: str, result: Imported,
+async def _put(store: BlobStore, digest: Digest, extents: list[Extent], where: str, result: Imported,
                reporter: Reporter, sources: _Sources) -> None:
     """One blob into the store through its verified write; what is there already is not written
     again. A problem names the blob by its digest, and where it was read from."""
+    size = sum(extent.size for extent in extents)
     expected = sources.sizes.get(str(digest))
     if expected is not None and expected != size:
         result.problems.append(f"{digest} ({where}): {size} bytes, but the bundle says {expected}: not imported")
@@ -881,25 +871,16 @@ async def _put(store: BlobStore, digest: Digest, chunks: Iterator[bytes], size: 
         result.blobs_present += 1
         reporter.step(0, str(digest)[:19])
         return
-    writer = store.writer(digest, size)
-    # The next chunk is read while this one is hashed and written.
-    ahead = asyncio.ensure_future(asyncio.to_thread(next, chunks, b""))
     try:
-        while chunk := await ahead:
-            ahead = asyncio.ensure_future(asyncio.to_thread(next, chunks, b""))
-            await writer.write(chunk)
-        await writer.commit()
-    except IntegrityError:
-        # The store words it for a download; here the bytes came from the bundle.
-        result.problems.append(f"{digest} ({where}): the content does not match its digest: not imported")
+        await store.put_extents(digest, extents)
+    except IntegrityError as exc:
+        # The store words a mismatch for a download; here the bytes came from the bundle.
+        result.problems.append(f"{digest} ({where}): the content does not match its digest "
+                               f"({exc.message}): not imported")
         return
     except MirrorError as exc:
         result.problems.append(f"{digest} ({where}): {exc.message}: not imported")
         return
-    finally:
-        # A read still running in its thread finishes before its file is closed by the caller.
-        await asyncio.wait([ahead])
-        await writer.discard()
     result.blobs_written += 1
     result.bytes_written += size
     sources.written[str(digest)] = size

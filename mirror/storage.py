@@ -19,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from mirror.errors import CacheBusy, CacheWriteError, IntegrityError
 from mirror.oci import Digest
@@ -35,6 +37,23 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 # Free space a write leaves for the index and for writes already under way: below it, a new
 # download is refused before its client is sent a header, and readiness fails.
 RESERVE = 1 << 20
+# How much of a local file one step of `BlobWriter.copy` moves: the hashing of one step runs
+# while the next is copied.
+COPY_STEP = 64 << 20
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Bytes of an open local file: where a blob, or a part of one, lies in a bundle."""
+
+    fd: int
+    offset: int
+    size: int
+
+    def steps(self) -> Iterator[Extent]:
+        for start in range(0, self.size, COPY_STEP):
+            yield Extent(self.fd, self.offset + start, min(COPY_STEP, self.size - start))
 
 
 class BlobStore:
@@ -146,6 +165,16 @@ class BlobStore:
         finally:
             await writer.discard()
 
+    async def put_extents(self, digest: Digest, extents: Sequence[Extent]) -> None:
+        """Store a blob that lies in local files (an import), with the same checks as a streamed
+        write; IntegrityError if its bytes do not match `digest`."""
+        writer = self.writer(digest, sum(extent.size for extent in extents))
+        try:
+            await writer.copy(extents)
+            await writer.commit()
+        finally:
+            await writer.discard()
+
     def writer(self, digest: Digest, expected_size: int | None) -> BlobWriter:
         temp = self._tmp / f"{digest.hex}.{secrets.token_hex(8)}.part"
         try:
@@ -169,7 +198,7 @@ class BlobWriter:
         self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.written = 0
         self.committed = False
-        self._pending: asyncio.Future[None] | None = None
+        self._pending: asyncio.Future[list[BaseException | None]] | None = None
         self._broken: OSError | None = None
 
     def open_reader(self) -> int:
@@ -180,28 +209,76 @@ class BlobWriter:
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.expected_size is not None and self.written + len(data) > self.expected_size:
             raise IntegrityError(f"upstream sent more than the {self.expected_size} bytes of {self.digest}")
-        await self._in_thread(self._absorb, data)
+        await self._in_threads(functools.partial(self._absorb, data))
         self.written += len(data)
 
-    async def _in_thread(self, work: Callable[..., None], *args: Any) -> None:
-        """Blocking file work in a worker thread. A thread cannot be cancelled, so the work is
+    async def copy(self, extents: Sequence[Extent]) -> None:
+        """Append local file bytes, copied in the kernel (copy_file_range, as `cp` does) while the
+        step before is hashed from the copy itself: what is published is what was hashed."""
+        hashed = self.written
+        for extent in extents:
+            for step in extent.steps():
+                start = self.written
+                await self._in_threads(functools.partial(self._copy_in, step),
+                                       functools.partial(self._hash_copied, hashed, start))
+                hashed = start
+                self.written += step.size
+        await self._in_threads(functools.partial(self._hash_copied, hashed, self.written))
+
+    async def _in_threads(self, *works: Callable[[], None]) -> None:
+        """Blocking file work in worker threads. A thread cannot be cancelled, so the work is
         shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
         if self._broken is not None:
             raise CacheWriteError.of(self._broken)
-        self._pending = asyncio.ensure_future(asyncio.to_thread(work, *args))
-        try:
-            await asyncio.shield(self._pending)
-        except OSError as exc:
-            # A failed write may have landed in part, and the hash has seen all of it: this
-            # writer can never produce a whole blob again.
-            self._broken = exc
-            raise CacheWriteError.of(exc) from exc
+        pending = self._pending = asyncio.ensure_future(
+            asyncio.gather(*(asyncio.to_thread(work) for work in works), return_exceptions=True))
+        for outcome in await asyncio.shield(pending):
+            if isinstance(outcome, OSError):
+                # A failed write may have landed in part, and the hash has seen all of it: this
+                # writer can never produce a whole blob again.
+                self._broken = outcome
+                raise CacheWriteError.of(outcome) from outcome
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _absorb(self, data: bytes | bytearray | memoryview) -> None:
         self._hash.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        _write_all(self._fd, data)
+
+    def _copy_in(self, source: Extent) -> None:
+        short = IntegrityError(f"{self.digest}: its source ended before {source.size} bytes")
+        copied = 0
+        try:
+            while copied < source.size:
+                moved = os.copy_file_range(source.fd, self._fd, source.size - copied, source.offset + copied)
+                if moved == 0:
+                    raise short
+                copied += moved
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            while copied < source.size:
+                data = os.pread(source.fd, min(source.size - copied, 4 << 20), source.offset + copied)
+                if not data:
+                    raise short from None
+                _write_all(self._fd, data)
+                copied += len(data)
+
+    def _hash_copied(self, start: int, end: int) -> None:
+        """Hash what `_copy_in` wrote between `start` and `end`, read back through the page cache."""
+        if start == end:
+            return
+        buffer = bytearray(min(end - start, 4 << 20))
+        reader = os.open(self.temp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while start < end:
+                got = os.preadv(reader, [memoryview(buffer)[:end - start]], start)
+                if got == 0:
+                    raise IntegrityError(f"{self.digest}: the copy ended at {start} bytes")
+                self._hash.update(memoryview(buffer)[:got])
+                start += got
+        finally:
+            os.close(reader)
 
     def verify(self) -> None:
         """Raise IntegrityError unless exactly the expected bytes arrived."""
@@ -218,7 +295,7 @@ class BlobWriter:
 
     async def publish(self) -> None:
         """Make durable and publish what `verify` accepted."""
-        await self._in_thread(self._publish)
+        await self._in_threads(self._publish)
         self.committed = True
 
     def _publish(self) -> None:
@@ -242,3 +319,9 @@ class BlobWriter:
             self._fd = -1
         if not self.committed:
             self.temp.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
