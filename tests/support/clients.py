@@ -180,22 +180,48 @@ class DockerDaemon(_Client):
         return _first((await self.docker("image", "inspect", reference)).stdout)
 
 
-class Containerd(_Client):
-    """A `containerd` of its own (no CRI plugin), driven with `ctr`."""
+CRI_NAMESPACE = "k8s.io"
+"""The containerd namespace the CRI plugin keeps the kubelet's images in."""
 
-    def __init__(self, sandbox: Sandbox, directory: Path) -> None:
+
+class Containerd(_Client):
+    """A `containerd` of its own, driven with `ctr`. Without `cri_hosts_dir` the CRI plugin is
+    off; with it, the CRI plugin serves the kubelet's API on the same socket, reading registry
+    hosts from that `certs.d`-style directory (`config_path`), as a Kubernetes node does.
+
+    The configuration is version 2 (containerd 1.6 and 1.7; 2.x migrates it). CRI gets only what
+    image pulls need: the `native` snapshotter (no overlayfs), empty CNI directories of its own
+    (no pod network: it logs that and carries on) and its streaming server on loopback."""
+
+    def __init__(self, sandbox: Sandbox, directory: Path, *, cri_hosts_dir: Path | None = None) -> None:
         super().__init__(sandbox, directory)
         self.address = str(self.runtime / "containerd.sock")
         self.config = directory / "config.toml"
-        self.config.write_text(
-            "version = 2\n"
-            f'root = "{directory / "root"}"\n'
-            f'state = "{self.runtime / "state"}"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            "[grpc]\n"
-            f'  address = "{self.address}"\n'
-            "[ttrpc]\n"
-            f'  address = "{self.runtime / "ttrpc.sock"}"\n')
+        text = ("version = 2\n"
+                f'root = "{directory / "root"}"\n'
+                f'state = "{self.runtime / "state"}"\n')
+        if cri_hosts_dir is None:
+            text += 'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        text += ("[grpc]\n"
+                 f'  address = "{self.address}"\n'
+                 "[ttrpc]\n"
+                 f'  address = "{self.runtime / "ttrpc.sock"}"\n')
+        if cri_hosts_dir is not None:
+            cni = directory / "cni"
+            for sub in ("bin", "net.d"):
+                (cni / sub).mkdir(parents=True, exist_ok=True)
+            cri = '[plugins."io.containerd.grpc.v1.cri"]'
+            text += (f"{cri}\n"
+                     '  stream_server_address = "127.0.0.1"\n'
+                     '  stream_server_port = "0"\n'
+                     f"{cri[:-1]}.containerd]\n"
+                     '  snapshotter = "native"\n'
+                     f"{cri[:-1]}.cni]\n"
+                     f'  bin_dir = "{cni / "bin"}"\n'
+                     f'  conf_dir = "{cni / "net.d"}"\n'
+                     f"{cri[:-1]}.registry]\n"
+                     f'  config_path = "{cri_hosts_dir}"\n')
+        self.config.write_text(text)
 
     async def __aenter__(self) -> Containerd:
         self.daemon = await self.sandbox.start("containerd", "--config", str(self.config),
@@ -210,14 +236,20 @@ class Containerd(_Client):
         return await self.ctr("images", "pull", "--hosts-dir", str(hosts_dir), "--snapshotter", "native",
                               reference, check=check)
 
-    async def snapshots(self) -> set[str]:
-        """Keys of the unpacked layers (chain IDs)."""
-        listing = (await self.ctr("snapshots", "--snapshotter", "native", "ls")).stdout.splitlines()[1:]
+    async def snapshots(self, namespace: str | None = None) -> set[str]:
+        """Keys of the unpacked layers (chain IDs), in ctr's namespace unless one is named."""
+        listing = (await self.ctr(*_namespace(namespace), "snapshots", "--snapshotter", "native", "ls")
+                   ).stdout.splitlines()[1:]
         return {line.split()[0] for line in listing}
 
-    async def content(self) -> set[str]:
-        listing = (await self.ctr("content", "ls", "--quiet")).stdout
+    async def content(self, namespace: str | None = None) -> set[str]:
+        listing = (await self.ctr(*_namespace(namespace), "content", "ls", "--quiet")).stdout
         return set(listing.split())
+
+
+def _namespace(namespace: str | None) -> tuple[str, ...]:
+    """ctr's global flag for a namespace (CRI_NAMESPACE for what the CRI plugin pulled)."""
+    return () if namespace is None else ("--namespace", namespace)
 
 
 class Podman(_Client):
