@@ -17,11 +17,12 @@ from typing import Any
 from aiohttp import web
 
 from mirror.access import ACCESS_LOG, METRICS, AccessLogger
+from mirror.cluster import Cluster
 from mirror.config import Config
 from mirror.connections import GuardedSite
 from mirror.errors import MirrorError
 from mirror.gate import Gate
-from mirror.handlers import PROXY, RegistryHandlers, errors_middleware
+from mirror.handlers import PROXY, ClusterHandlers, RegistryHandlers, errors_middleware
 from mirror.logs import protect as protect_logs
 from mirror.metrics import Metrics
 from mirror.ops import OpsHandlers
@@ -58,6 +59,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         async def close_gate(_: web.Application) -> None:
             gate.close()
         app.on_cleanup.append(close_gate)
+    if config.redis is not None:
+        ClusterHandlers(lambda: _cluster(app)).add_routes(app)
     RegistryHandlers(Router(config), gate).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -75,6 +78,12 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
     return app
 
 
+def _cluster(app: web.Application) -> Cluster:
+    cluster = app[SERVICES].cluster
+    assert cluster is not None, "cluster routes are only added with redis set"
+    return cluster
+
+
 def create_ops_app(app: web.Application) -> web.Application:
     """The /metrics, /healthz and /readyz of `app`, for a listener of their own."""
     ops = web.Application()
@@ -83,25 +92,34 @@ def create_ops_app(app: web.Application) -> web.Application:
     return ops
 
 
-async def _readiness(app: web.Application) -> dict[str, str]:
+async def _readiness(app: web.Application) -> tuple[dict[str, str], dict[str, str]]:
+    """What keeps this replica from serving, and what it serves without (Redis: it then
+    downloads without the other replicas)."""
     services = app.get(SERVICES)
     if services is None:
-        return {"startup": "the cache is not open yet"}
-    problems = {}
+        return {"startup": "the cache is not open yet"}, {}
+    problems: dict[str, str] = {}
+    degraded: dict[str, str] = {}
     if services.draining:
         problems["shutdown"] = "shutting down"
     try:
-        await asyncio.to_thread(services.store.check_writable)
+        await services.store.check_writable()
     except OSError as exc:
         problems["cache"] = (f"the cache disk is full: {exc.strerror}" if exc.errno == errno.ENOSPC
                              else f"cannot write to the cache directory: {exc.strerror}")
+    except MirrorError as exc:
+        problems["storage"] = exc.message
     try:
         await services.index.ping()
     except MirrorError as exc:
-        problems["index"] = f"the index does not answer: {exc.message}"
+        # A cluster's index is Redis: without it a replica serves all the same, alone.
+        (degraded if services.cluster is not None else problems)["index"] = \
+            f"the index does not answer: {exc.message}"
     if services.index_problem is not None:
         problems["index"] = services.index_problem
-    return problems
+    if services.cluster is not None and services.cluster.problem is not None:
+        degraded["cluster"] = services.cluster.problem
+    return problems, degraded
 
 
 def runner_options(config: Config, app: web.Application) -> dict[str, Any]:

@@ -89,6 +89,15 @@ class Breaker:
         self._probing = False
         self._rate_limited = False
         self._reason = ""
+        self.on_rate_limited: Callable[[float, str], None] | None = None
+        """Told (seconds, reason) when this upstream starts rate-limiting: the other replicas
+        hold off too."""
+
+    def hold(self, wait: float, reason: str) -> None:
+        """Another replica was rate-limited by this upstream for `wait` s: do not ask it either."""
+        if self.state is State.OPEN and self._until >= self._clock() + wait:
+            return
+        self._open(wait, reason, True, told=True)
 
     def admit(self) -> Ticket:
         """Before a request: raise if it may not go. The caller must `release` the ticket
@@ -146,7 +155,7 @@ class Breaker:
     def _backoff(self) -> float:
         return float(min(self._config.backoff * 2 ** min(self._openings, _MAX_DOUBLINGS), self._config.max_backoff))
 
-    def _open(self, wait: float, reason: str, rate_limited: bool) -> None:
+    def _open(self, wait: float, reason: str, rate_limited: bool, told: bool = False) -> None:
         wait = min(wait, MAX_RETRY_AFTER)
         self._openings += 1
         self._until = self._clock() + wait
@@ -154,6 +163,8 @@ class Breaker:
         self._reason = reason
         self._change(State.OPEN)
         log.warning("upstream %s: circuit open for %.1f s: %s", self._upstream, wait, reason)
+        if rate_limited and not told and self.on_rate_limited is not None:
+            self.on_rate_limited(wait, reason)
 
     def _close(self) -> None:
         self._failures = 0

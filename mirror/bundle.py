@@ -59,7 +59,8 @@ from mirror.oci import Digest, is_tag, manifest_media_type, manifest_references,
 from mirror.progress import Reporter
 from mirror.seeding import INDEX_TYPES, CacheFetcher, Seeded, Seeder, reporting, seed_all
 from mirror.services import Services, open_services
-from mirror.storage import BlobStore, Extent
+from mirror.spool import Extent
+from mirror.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ async def export(config: Config, specs: Sequence[ImageSpec], output: Path, volum
             images, failed = await seed_all(seeder, list(specs), False)
         if failed:
             raise BundleError("; ".join(f"{spec} ({spec.source}): {error.message}" for spec, error in failed))
-        sizes = _sizes(services.store, images)
+        sizes = await _sizes(services.store, images)
         shipped = {d: s for d, s in sizes.items() if d not in have}
         manifest: dict[str, Any] = {
             "format": FORMAT, "id": str(uuid.uuid4()),
@@ -166,11 +167,11 @@ def check_output(output: Path, volume_size: int | None) -> None:
         raise BundleError(f"--volume-size writes volumes into a directory, and {output} names one tar")
 
 
-def _sizes(store: BlobStore, images: list[Seeded]) -> dict[str, int]:
+async def _sizes(store: BlobStore, images: list[Seeded]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for image in images:
         for digest in (*image.manifests, *image.blobs):
-            size = store.size(Digest.parse(digest))
+            size = await store.size(Digest.parse(digest))
             if size is None:
                 raise BundleError(f"{digest} of {image.reference} left the cache while it was exported: run again")
             sizes[digest] = size
@@ -186,12 +187,12 @@ def _image_record(config: Config, image: Seeded) -> dict[str, Any]:
             "referrers": image.referrers, "referrer_tags": image.referrer_tags}
 
 
-def _layout_index(manifest: dict[str, Any], store: BlobStore) -> bytes:
+def _layout_index(manifest: dict[str, Any]) -> bytes:
     descriptors = []
     for image in manifest["images"]:
         descriptors.append({
             "mediaType": image["media_type"], "digest": image["digest"],
-            "size": store.size(Digest.parse(image["digest"])),
+            "size": manifest["blobs"][image["digest"]]["size"],
             "annotations": {"org.opencontainers.image.ref.name": image["reference"],
                             "io.containerd.image.name": image["reference"]},
         })
@@ -253,7 +254,7 @@ def _write_directory(store: BlobStore, output: Path, manifest: dict[str, Any], s
                 _atomic_write(target, copy)
         reporter.step(size, digest[:19])
     _atomic_bytes(output / "oci-layout", _OCI_LAYOUT)
-    _atomic_bytes(output / "index.json", _layout_index(manifest, store))
+    _atomic_bytes(output / "index.json", _layout_index(manifest))
     _atomic_bytes(output / BUNDLE_FILE, json.dumps(manifest, indent=2).encode())
 
 
@@ -263,7 +264,7 @@ def _write_tar(store: BlobStore, output: Path, manifest: dict[str, Any], shipped
     def write(out: BinaryIO) -> None:
         with tarfile.TarFile(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
             _add_bytes(tar, "oci-layout", _OCI_LAYOUT)
-            _add_bytes(tar, "index.json", _layout_index(manifest, store))
+            _add_bytes(tar, "index.json", _layout_index(manifest))
             _add_bytes(tar, BUNDLE_FILE, json.dumps(manifest, indent=2).encode())
             for digest, size in sorted(shipped.items()):
                 _go_on(stop)
@@ -331,7 +332,7 @@ def _write_volumes(store: BlobStore, output: Path, manifest: dict[str, Any], shi
             manifest["blobs"][part.digest].setdefault("parts", []).append(
                 {"volume": volume.number, "index": part.index, "offset": part.offset, "size": part.size})
     _atomic_bytes(output / "oci-layout", _OCI_LAYOUT)
-    _atomic_bytes(output / "index.json", _layout_index(manifest, store))
+    _atomic_bytes(output / "index.json", _layout_index(manifest))
     _atomic_bytes(output / BUNDLE_FILE, json.dumps(manifest, indent=2).encode())
 
 
@@ -503,9 +504,9 @@ def read_have(path: Path) -> set[str]:
         raise BundleError(f"{path}: {exc.message}") from None
 
 
-def inventory(store: BlobStore) -> dict[str, Any]:
+async def inventory(store: BlobStore) -> dict[str, Any]:
     """What this cache holds, for the other side's `mirror export --have`."""
-    return {"format": INVENTORY_FORMAT, "digests": sorted(store.scan())}
+    return {"format": INVENTORY_FORMAT, "digests": sorted(await store.scan())}
 
 
 # Import
@@ -542,7 +543,7 @@ async def import_bundle(config: Config, paths: Sequence[Path], name: str | None 
     images = sources.images(config, name)
     async with open_services(config, Metrics()) as services:
         result = Imported()
-        needed = {d: s for d, s in sources.sizes.items() if services.store.size(Digest.parse(d)) is None}
+        needed = {d: s for d, s in sources.sizes.items() if await services.store.size(Digest.parse(d)) is None}
         _check_space(config.cache_dir, sum(needed.values()))
         with Reporter("importing", len(sources.sizes), quiet, unit="blobs") as reporter:
             await _load_blobs(services, sources, result, reporter)
@@ -808,7 +809,7 @@ async def _join_parts(store: BlobStore, sources: _Sources, parts: dict[tuple[str
         declared = blob.get("parts")
         if not declared or digest not in sources.sizes:
             continue
-        if store.size(Digest.parse(digest)) is not None:
+        if await store.size(Digest.parse(digest)) is not None:
             result.blobs_present += 1
             continue
         hex_ = Digest.parse(digest).hex
@@ -852,7 +853,7 @@ def _extent(volume: BinaryIO, member: tarfile.TarInfo) -> Extent:
 def _part_extent(files: ExitStack, part: tuple[Path, tarfile.TarInfo | None]) -> Extent:
     """A part of a split blob: in the volume that holds it, or where an earlier run kept it."""
     path, member = part
-    source = files.enter_context(open(path, "rb"))
+    source = files.enter_context(path.open("rb"))
     if member is None:
         return Extent(source.fileno(), 0, os.fstat(source.fileno()).st_size)
     return Extent(source.fileno(), member.offset_data, member.size)
@@ -867,7 +868,7 @@ async def _put(store: BlobStore, digest: Digest, extents: list[Extent], where: s
     if expected is not None and expected != size:
         result.problems.append(f"{digest} ({where}): {size} bytes, but the bundle says {expected}: not imported")
         return
-    if store.size(digest) is not None:
+    if await store.size(digest) is not None:
         result.blobs_present += 1
         reporter.step(0, str(digest)[:19])
         return
@@ -918,7 +919,7 @@ async def _record_image(services: Services, image: _Image, result: Imported) -> 
             return False
         media_type = manifest_media_type(body, None)
         # An index may be sparse (only the platforms shipped); an image needs all it names.
-        if media_type not in INDEX_TYPES and any(store.size(d) is None for d in manifest_references(body)):
+        if media_type not in INDEX_TYPES and any([await store.size(d) is None for d in manifest_references(body)]):
             return False
         bodies[digest] = (body, media_type)
     for digest, (body, media_type) in bodies.items():
@@ -947,6 +948,6 @@ async def _walk(store: BlobStore, root: str) -> list[str] | None:
         return found
     for descriptor in document.get("manifests", []) if isinstance(document, dict) else []:
         digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
-        if isinstance(digest, str) and store.size(Digest.parse(digest)) is not None:
+        if isinstance(digest, str) and await store.size(Digest.parse(digest)) is not None:
             found.append(digest)
     return found

@@ -17,12 +17,11 @@ from mirror.bundle import BundleError, check_output, export, import_bundle, inve
 from mirror.config import Config, Overrides, load, parse_size
 from mirror.errors import CacheBusy, ConfigError, MirrorError
 from mirror.imagelist import ImageSpec, from_arguments, load_list
-from mirror.index import INDEX_FILE, Miss, cached_images, recorded_misses, set_pinned
+from mirror.index import Miss
 from mirror.logs import configure as configure_logs
 from mirror.routing import Router
 from mirror.seeding import seed
-from mirror.services import evict_now
-from mirror.storage import BlobStore
+from mirror.services import build_store, cached_listing, evict_now, misses_listing, pin_image
 
 DESCRIPTION = """\
 A pull-through caching mirror for Docker/OCI registries. Point the Docker daemon
@@ -53,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, metavar="FILE", help="YAML configuration file")
     common.add_argument("--cache-dir", metavar="DIR", help="where cached content lives (default ./mirror-cache)")
+    common.add_argument("--storage", metavar="s3://BUCKET/PREFIX",
+                        help="keep blobs in shared object storage; the cache dir is then the local spool")
+    common.add_argument("--redis", metavar="URL",
+                        help="Redis shared by the replicas on one --storage (redis://HOST:6379/0)")
 
     serve = commands.add_parser("serve", parents=[common], help="run the mirror", description="Run the mirror.",
                                 epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key, PEM (not world-readable)")
     serve.add_argument("--shutdown-grace", metavar="DURATION",
                        help="after SIGTERM, how long responses under way may take to finish (default 30s)")
+    serve.add_argument("--advertise", metavar="URL",
+                       help="how the other replicas reach this one (default: from --listen)")
     serve.add_argument("--offline", action="store_true",
                        help="never contact an upstream (an air-gapped site): serve what is cached or imported, "
                             "tags as they are whatever their age, and record the rest as misses ($MIRROR_OFFLINE=1)")
@@ -192,9 +197,7 @@ def set_pin(config: Config, reference: str, pinned: bool, as_json: bool) -> int:
     except MirrorError as exc:
         print(f"mirror: {exc.message}", file=sys.stderr)
         return 2
-    database = config.cache_dir / INDEX_FILE
-    digest = set_pinned(database, route.upstream.name, route.name, str(route.reference), pinned) \
-        if database.exists() else None
+    digest = asyncio.run(pin_image(config, route.upstream.name, route.name, str(route.reference), pinned))
     if digest is None:
         print(f"mirror: {route.upstream.name}/{route.name}:{route.reference} is not cached; pull it through "
               "the mirror first", file=sys.stderr)
@@ -219,8 +222,7 @@ def _manifest_path(reference: str) -> str:
 
 
 def list_cached(config: Config, as_json: bool) -> int:
-    database = config.cache_dir / INDEX_FILE
-    images = cached_images(database) if database.exists() else []
+    images = asyncio.run(cached_listing(config))
     if as_json:
         print(json.dumps([dataclasses.asdict(image) for image in images], indent=2))
         return 0
@@ -328,7 +330,7 @@ def run_import(config: Config, args: argparse.Namespace) -> int:
 
 def run_inventory(config: Config) -> int:
     try:
-        listing = inventory(BlobStore(config.cache_dir))
+        listing = asyncio.run(inventory(build_store(config)))
     except FileNotFoundError:
         # Said, not an empty list: a mistyped path would have the other side ship everything.
         print(f"mirror: no cache in {config.cache_dir}", file=sys.stderr)
@@ -355,8 +357,7 @@ def _image_list(config: Config, references: Sequence[str], file: Path | None, fr
             raise ConfigError(f"{file}: {exc.strerror}") from None
         specs += load_list(text, config, any_registry)
     if from_misses:
-        database = config.cache_dir / INDEX_FILE
-        misses = recorded_misses(database) if database.exists() else []
+        misses = asyncio.run(misses_listing(config))
         specs += load_list("\n".join(_miss_reference(m) for m in misses if m.kind == "manifest"), config)
     return specs
 
@@ -366,8 +367,7 @@ def _miss_reference(miss: Miss) -> str:
 
 
 def list_misses(config: Config, as_json: bool) -> int:
-    database = config.cache_dir / INDEX_FILE
-    misses = recorded_misses(database) if database.exists() else []
+    misses = asyncio.run(misses_listing(config))
     if as_json:
         print(json.dumps([dataclasses.asdict(miss) for miss in misses], indent=2))
         return 0
@@ -401,23 +401,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                               log_level=args.log_level, path_prefix=args.path_prefix,
                               metrics_listen=args.metrics_listen, log_format=args.log_format,
                               shutdown_grace=args.shutdown_grace, htpasswd=args.htpasswd,
-                              tls_cert=args.tls_cert, tls_key=args.tls_key, offline=args.offline)
+                              tls_cert=args.tls_cert, tls_key=args.tls_key, offline=args.offline,
+                              storage=args.storage, redis=args.redis, advertise=args.advertise)
     else:
         overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None),
-                              upstreams=tuple(getattr(args, "upstream", ())))
+                              upstreams=tuple(getattr(args, "upstream", ())), storage=args.storage,
+                              redis=args.redis)
     try:
         config = load(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"mirror: configuration error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "ls":
-        return list_cached(config, args.json)
-    if args.command == "gc":
-        return collect(config, args.dry_run, args.json)
-    if args.command in ("pin", "unpin"):
-        return set_pin(config, args.reference, args.command == "pin", args.json)
-    if args.command == "misses":
-        return list_misses(config, args.json)
+    try:
+        if args.command == "ls":
+            return list_cached(config, args.json)
+        if args.command == "gc":
+            return collect(config, args.dry_run, args.json)
+        if args.command in ("pin", "unpin"):
+            return set_pin(config, args.reference, args.command == "pin", args.json)
+        if args.command == "misses":
+            return list_misses(config, args.json)
+    except ConfigError as exc:
+        print(f"mirror: {exc}", file=sys.stderr)
+        return 2
+    except MirrorError as exc:
+        # A cluster's index or bucket out of reach: said, not answered as an empty cache.
+        print(f"mirror: {exc.message}", file=sys.stderr)
+        return 1
     if args.command == "seed":
         configure_logs(config.log_level, config.log_format)
         return run_seed(config, args)

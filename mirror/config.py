@@ -153,6 +153,29 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class S3Location:
+    """Shared object storage: `s3://bucket/prefix`."""
+
+    bucket: str
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """How to reach the bucket. Each unset key is left to the AWS SDK's own settings
+    (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY, profiles, instance or pod roles)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     host: str = "0.0.0.0"
     port: int = 5000
@@ -176,6 +199,14 @@ class Config:
     connections: ConnectionLimits = ConnectionLimits()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None
+    storage: S3Location | None = None
+    """Shared object storage for blobs; None keeps them on the local disk in `cache_dir`, which
+    is then the spool only."""
+    s3: S3Config = S3Config()
+    redis: str | None = field(default=None, repr=False)
+    """Redis for coordination between replicas that share `storage` (the URL may hold a password)."""
+    advertise: str | None = None
+    """How other replicas reach this one; None: from the listen address."""
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -476,6 +507,9 @@ class Overrides:
     tls_cert: str | None = None
     tls_key: str | None = None
     offline: bool = False
+    storage: str | None = None
+    redis: str | None = None
+    advertise: str | None = None
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
@@ -499,7 +533,7 @@ def load(path: Path | None = None, environ: Mapping[str, str] | None = None,
 
 
 _SCALARS = ("listen", "cache_dir", "default_upstream", "log_level", "path_prefix", "metrics_listen", "log_format",
-            "shutdown_grace")
+            "shutdown_grace", "storage", "redis", "advertise")
 
 
 def _scalar_settings(root: _Section, environ: Mapping[str, str],
@@ -518,7 +552,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"upstreams", "upstream_timeouts", "max_size", "eviction", "connections", "auth", "tls",
-                     "offline", *_SCALARS})
+                     "offline", "s3", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -536,6 +570,12 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
             config = replace(config, log_format=str(value).lower())
         elif key == "shutdown_grace":
             config = replace(config, shutdown_grace=parse_duration(value, origin))
+        elif key == "storage":
+            config = replace(config, storage=parse_storage(str(value), origin))
+        elif key == "redis":
+            config = replace(config, redis=_redis_url(str(value), origin))
+        elif key == "advertise":
+            config = replace(config, advertise=_advertise(str(value), origin))
         else:
             config = replace(config, log_level=str(value).lower())
 
@@ -589,13 +629,63 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
         section.check_keys({"connect", "read", "revalidate"})
         config = replace(config, timeouts=TimeoutConfig(
             **_durations(section, config.timeouts, ("connect", "read", "revalidate"))))
-    config = replace(config, auth=_auth(root, overrides), tls=_tls(root, overrides))
+    config = replace(config, auth=_auth(root, overrides), tls=_tls(root, overrides), s3=_s3(root))
     _validate(config)
     return config
 
 
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_storage(value: str, origin: str) -> S3Location | None:
+    """`s3://bucket/prefix`; an empty value keeps the local disk."""
+    if not value.strip():
+        return None
+    scheme, _, rest = value.strip().partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if scheme != "s3" or not _BUCKET_RE.fullmatch(bucket):
+        raise ConfigError(f"{origin}: expected s3://BUCKET/PREFIX (a bucket name of 3 to 63 lower-case letters, "
+                          f"digits, dots and dashes), got {value!r}")
+    prefix = prefix.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ConfigError(f"{origin}: the prefix {prefix!r} has an empty, '.' or '..' part")
+    return S3Location(bucket, prefix)
+
+
+def _redis_url(value: str, origin: str) -> str | None:
+    if not value.strip():
+        return None
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        # Said without the value: it may hold a password.
+        raise ConfigError(f"{origin}: expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _advertise(value: str, origin: str) -> str:
+    if not value.startswith(("http://", "https://")) or not urlsplit(value).hostname:
+        raise ConfigError(f"{origin}: expected the URL other replicas reach this one at, e.g. "
+                          f"http://10.0.0.7:5000, got {value!r}")
+    return value.rstrip("/")
+
+
+def _s3(root: _Section) -> S3Config:
+    if (data := root.data.get("s3")) is None:
+        return S3Config()
+    section = _Section(data, "s3")
+    section.check_keys({"endpoint", "region", "access_key_id", "secret_access_key"})
+    endpoint: str | None = section.get("endpoint", str)
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"s3.endpoint: expected an http:// or https:// URL, got {endpoint!r}")
+    config = S3Config(endpoint=endpoint, region=section.get("region", str),
+                      access_key_id=section.get("access_key_id", str),
+                      secret_access_key=section.get("secret_access_key", str))
+    if (config.access_key_id is None) != (config.secret_access_key is None):
+        raise ConfigError("s3: access_key_id and secret_access_key go together")
+    return config
+
+
 # Keys whose values are never repeated in an error message.
-_SECRET_KEYS = frozenset({"password", "client_secret", "secret", "token"})
+_SECRET_KEYS = frozenset({"password", "client_secret", "secret", "token", "secret_access_key"})
 _GLOB_RE = re.compile(r"[*?\[]")
 _WHO_RE = re.compile(r"(?:user|group):[^\s:]+|anonymous|authenticated|\*")
 
@@ -724,6 +814,9 @@ def _validate(config: Config) -> None:
             seen[key] = upstream.name
     if config.default_upstream not in {u.name for u in config.upstreams}:
         raise ConfigError(f"default_upstream: {config.default_upstream!r} is not a configured upstream")
+    if config.redis is not None and config.storage is None:
+        raise ConfigError("redis: replicas share their blobs through object storage: set storage "
+                          "(s3://BUCKET/PREFIX) too")
     private = [(config.auth.htpasswd, "auth.htpasswd"), (config.auth.token_key_file, "auth.token.key_file"),
                (config.tls.key if config.tls else None, "tls.key")]
     for i, upstream in enumerate(config.upstreams):

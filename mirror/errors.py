@@ -181,6 +181,11 @@ class CacheWriteError(MirrorError):
                    "is still served")
 
 
+class StorageError(CacheWriteError):
+    """The shared object store failed a read or a write: like a failing disk, what it cannot
+    answer fails, nothing partial is published, and what can be served still is."""
+
+
 class IntegrityError(MirrorError):
     """Upstream bytes that do not match their digest or size: nothing is published, and it
     is never retried as if it were a network fault."""

@@ -7,7 +7,8 @@ upstreams' max_age goes whatever the usage. What may go is decided by the index:
 unpinned manifests, and blobs no cached manifest references, so an image goes as a whole and
 a layer shared with a cached image stays. A blob a client is reading right now is skipped.
 Rows go before files: a crash in between leaves a file the index does not know, which the
-next start-up records again and a later pass evicts.
+next start-up records again and a later pass evicts. Replicas sharing a bucket evict one at a
+time (a cluster lease), over the whole bucket's usage as the shared index counts it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from mirror.config import EvictionConfig
@@ -51,8 +53,15 @@ class Evictor:
         self._pass_running = False
         # One pass at a time: two could pick the same victim and count its size twice.
         self._lock = asyncio.Lock()
+        self.exclusive: Callable[[str], AbstractAsyncContextManager[bool]] | None = None
+        """Where replicas share the cache: the lease that lets one of them evict (yields False
+        while another holds it)."""
 
     async def open(self) -> None:
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Usage as the index counts it: with replicas, what the others added too."""
         self.blobs, self.usage = await self._index.usage()
         self._check()
 
@@ -105,7 +114,13 @@ class Evictor:
     async def _remove(self, candidates: Callable[[], Awaitable[list[tuple[Digest, int]]]],
                       wanted: Callable[[], bool], reason: str) -> list[Evicted]:
         async with self._lock:
-            return await self._remove_locked(candidates, wanted, reason)
+            if self.exclusive is None:
+                return await self._remove_locked(candidates, wanted, reason)
+            async with self.exclusive("evict") as held:
+                if not held:
+                    return []
+                self.blobs, self.usage = await self._index.usage()
+                return await self._remove_locked(candidates, wanted, reason)
 
     async def _remove_locked(self, candidates: Callable[[], Awaitable[list[tuple[Digest, int]]]],
                              wanted: Callable[[], bool], reason: str) -> list[Evicted]:
@@ -117,13 +132,21 @@ class Evictor:
             for digest, size in batch:
                 if not wanted() or digest in self._reading:
                     continue
-                released = await self._index.forget(digest)
-                self._store.remove(digest)
-                self.usage -= size
-                self.blobs -= 1
-                self._metrics.evictions.labels(reason).inc()
-                self._metrics.evicted_bytes.labels(reason).inc(size)
-                evicted.append(Evicted(digest, size))
-                if released:
-                    break  # what that manifest held may be older than the next candidate: ask again
+                released = await self._remove_one(digest, size, reason, evicted)
+                # An image goes whole: what only its manifest held goes with it, past the target
+                # if need be, or a config without its image would be left to take room.
+                while released:
+                    freed = [(d, n) for d, n in await self._index.evictable(released) if d not in self._reading]
+                    released = [child for d, n in freed for child in await self._remove_one(d, n, reason, evicted)]
         return evicted
+
+    async def _remove_one(self, digest: Digest, size: int, reason: str, evicted: list[Evicted]) -> list[Digest]:
+        """Evict `digest`; what it referenced, which may now be free to go too."""
+        released = await self._index.forget(digest)
+        await self._store.remove(digest)
+        self.usage -= size
+        self.blobs -= 1
+        self._metrics.evictions.labels(reason).inc()
+        self._metrics.evicted_bytes.labels(reason).inc(size)
+        evicted.append(Evicted(digest, size))
+        return released

@@ -2,7 +2,7 @@
 
 A download belongs to the mirror, not to a request: it runs as a tracked background task, and
 requests only wait on it (through `asyncio.shield`), so a client that goes away stops only its
-own reading. A blob `Fill` writes into the store's temp file; readers tail that file with
+own reading. A blob `Fill` writes into the store's spool file; readers tail that file with
 `sendfile` as it grows, so each client's first byte comes long before the download ends. Readers
 are never given the last byte until size and digest are verified: if verification fails, every
 client's connection ends one byte short and no client accepts bad content.
@@ -18,7 +18,8 @@ from typing import Any, BinaryIO, Generic, TypeVar
 
 from mirror.errors import MirrorError, Unavailable
 from mirror.oci import Digest
-from mirror.storage import BlobStore, BlobWriter
+from mirror.spool import BlobWriter
+from mirror.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Fill:
         self.digest = digest
         self._store = store
         self._writer: BlobWriter | None = None
+        self._publishing = True
         self._read_fd = -1
         loop = asyncio.get_running_loop()
         self._started: asyncio.Future[int | None] = loop.create_future()
@@ -133,8 +135,23 @@ class Fill:
     def begin(self, size: int | None) -> None:
         """The upstream has answered: readers may now send headers and start tailing."""
         self._writer = self._store.writer(self.digest, size)
+        self._writer.publishing = self._publishing
         self._read_fd = self._writer.open_reader()
         self._started.set_result(size)
+
+    def lead(self) -> None:
+        """This replica downloads from the upstream, and publishes (from the first byte, where
+        it took over from another)."""
+        self._set_publishing(True)
+
+    def follow(self) -> None:
+        """Another replica downloads and publishes: this fill only feeds its own readers."""
+        self._set_publishing(False)
+
+    def _set_publishing(self, publishing: bool) -> None:
+        self._publishing = publishing
+        if self._writer is not None:
+            self._writer.publishing = publishing
 
     async def write(self, data: bytes | bytearray) -> None:
         assert self._writer is not None
@@ -186,37 +203,39 @@ class Fill:
         """Once the blob is in the store; raises if it will not be."""
         await asyncio.shield(self._done)
 
-    def _open(self) -> BinaryIO:
-        """A file of the reader's own: a duplicate descriptor of the growing file until the
-        download is over, the published file after (the fill's own may be closed by then)."""
-        if not self._done.done():
+    def reader(self) -> BinaryIO | None:
+        """The spool file, for one reader of its own to tail (a duplicate descriptor: it stays
+        readable after the fill is over and its file gone, whatever the store); None once the
+        fill is closed and the blob is in the store. Raises the fill's error if it failed."""
+        if self._read_fd >= 0:
             return open(os.dup(self._read_fd), "rb", buffering=0)
-        if (error := self._done.exception()) is not None:
+        if self._done.done() and (error := self._done.exception()) is not None:
             raise error
-        return open(self._store.path(self.digest), "rb", buffering=0)
+        return None
 
-    async def windows(self, start: int, end: int | None) -> AsyncGenerator[tuple[BinaryIO, int, int], None]:
-        """Bytes [start, end) as they land, as (file, offset, count) for sendfile; end=None
-        means to the end of the blob. The last byte of the window (even of a window that ends
-        before the blob does, or is empty) is only offered once the whole blob is verified."""
+    async def windows(self, file: BinaryIO, start: int, end: int | None
+                      ) -> AsyncGenerator[tuple[BinaryIO, int, int], None]:
+        """Bytes [start, end) of `file` (from `reader`) as they land, as (file, offset, count)
+        for sendfile; end=None means to the end of the blob. The last byte of the window (even
+        of a window that ends before the blob does, or is empty) is only offered once the whole
+        blob is verified."""
         await self.started()
-        with self._open() as file:
-            position = start
-            while True:
-                verified = self._verified.done()
-                if verified and (error := self._verified.exception()) is not None:
-                    raise error
-                limit = self.written if end is None else min(self.written, end)
-                if not verified:
-                    limit -= 1
-                if position < limit:
-                    count = min(limit - position, WINDOW)
-                    yield file, position, count
-                    position += count
-                elif verified:
-                    return
-                else:
-                    await self._progress.wait()
+        position = start
+        while True:
+            verified = self._verified.done()
+            if verified and (error := self._verified.exception()) is not None:
+                raise error
+            limit = self.written if end is None else min(self.written, end)
+            if not verified:
+                limit -= 1
+            if position < limit:
+                count = min(limit - position, WINDOW)
+                yield file, position, count
+                position += count
+            elif verified:
+                return
+            else:
+                await self._progress.wait()
 
 
 class Fills:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from aiohttp import web
@@ -21,7 +22,9 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from mirror.access import CACHE_HEADER, ROUTE, SENT, UPSTREAM
+from mirror.cluster import FILL_PATH, SIZE_HEADER, TOKEN_HEADER, Cluster, check_token
 from mirror.errors import (
+    BlobUnknown,
     Internal,
     MirrorError,
     NotFound,
@@ -29,9 +32,10 @@ from mirror.errors import (
     RangeInvalid,
     Unsupported,
 )
+from mirror.flight import Fill
 from mirror.gate import Gate
-from mirror.oci import parse_tag
-from mirror.proxy import CachedBlob, CacheResult, Proxy
+from mirror.oci import Digest, parse_tag
+from mirror.proxy import CachedBlob, CacheResult, Proxy, StreamingBlob
 from mirror.routing import Endpoint, Route, Router
 
 log = logging.getLogger(__name__)
@@ -131,16 +135,55 @@ class RegistryHandlers:
 
         blob = await request.app[PROXY].blob(route)
         if isinstance(blob, CachedBlob):
-            # sendfile, with the 206 itself left to aiohttp once the range is known to be good.
-            proxy = request.app[PROXY]
-            try:
-                ignore_range = "Range" in request.headers and self._range(request, blob.size) is None
-            except RangeInvalid:
-                proxy.done_reading(blob)
-                raise
-            return CachedBlobResponse(blob.path, lambda: proxy.done_reading(blob), ignore_range,
-                                      headers={**headers, CACHE_HEADER: CacheResult.HIT.value})
+            return await self._cached_blob(request, blob, headers)
+        with blob.file:
+            return await self._streaming_blob(request, blob, headers)
 
+    async def _cached_blob(self, request: web.Request, blob: CachedBlob, headers: dict[str, str]
+                           ) -> web.StreamResponse:
+        proxy = request.app[PROXY]
+        headers = {**headers, CACHE_HEADER: CacheResult.HIT.value}
+        try:
+            window = self._range(request, blob.size)
+        except RangeInvalid:
+            proxy.done_reading(blob)
+            raise
+        if blob.path is not None:
+            # sendfile, with the 206 itself left to aiohttp once the range is known to be good.
+            return CachedBlobResponse(blob.path, lambda: proxy.done_reading(blob),
+                                      "Range" in request.headers and window is None, headers=headers)
+        try:
+            start, end = window or (0, blob.size)
+            response = web.StreamResponse(headers=headers)
+            if window is not None:
+                response.set_status(206)
+                response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+            response.content_length = end - start
+            try:
+                await response.prepare(request)
+            except ConnectionError:
+                return response
+            request[SENT] = 0
+            try:
+                async with aclosing(proxy.chunks(blob, start, end)) as chunks:
+                    async for data in chunks:
+                        await response.write(data)
+                        request[SENT] += len(data)
+            except ConnectionError:
+                return response
+            except (OSError, MirrorError) as error:
+                # Headers are out: the only honest signal left is a cut connection.
+                log.warning("aborting %s: %s", request.path, error)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            proxy.done_reading(blob)
+
+    async def _streaming_blob(self, request: web.Request, blob: StreamingBlob, headers: dict[str, str]
+                              ) -> web.StreamResponse:
         size = await blob.fill.started()
         window = self._range(request, size) if size is not None else None
         start, end = window or (0, size)
@@ -152,38 +195,7 @@ class RegistryHandlers:
             response.content_length = end - start
         else:
             response.enable_chunked_encoding()
-        if end == start:
-            # An empty body is complete with the headers: they must wait for verification.
-            await blob.fill.verified()
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            return response
-        loop = asyncio.get_running_loop()
-        request[SENT] = 0
-        try:
-            async with aclosing(blob.fill.windows(start, end)) as windows:
-                async for file, offset, count in windows:
-                    if request.transport is None:
-                        return response
-                    if end is None:
-                        # Size unknown: the bytes must go through aiohttp's chunk framing.
-                        await response.write(await asyncio.to_thread(os.pread, file.fileno(), count, offset))
-                    else:
-                        # Zero-copy from the growing cache file (asyncio falls back to copying
-                        # where the transport cannot sendfile, e.g. TLS).
-                        await loop.sendfile(request.transport, file, offset, count)
-                    request[SENT] += count
-        except ConnectionError:
-            return response
-        except MirrorError as error:
-            # Headers are out: the only honest signal left is a cut connection.
-            log.warning("aborting %s: %s", request.path, error.message)
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
-        return response
+        return await _tail(request, response, blob.fill, blob.file, start, end)
 
     @staticmethod
     def _range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -243,6 +255,73 @@ class CachedBlobResponse(web.FileResponse):
             return writer
         finally:
             self._done()
+
+
+async def _tail(request: web.Request, response: web.StreamResponse, fill: Fill, file: BinaryIO, start: int,
+                end: int | None) -> web.StreamResponse:
+    """Send bytes [start, end) of a fill as they land (the last only once verified)."""
+    if end == start:
+        # An empty body is complete with the headers: they must wait for verification.
+        await fill.verified()
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        return response
+    loop = asyncio.get_running_loop()
+    request[SENT] = 0
+    try:
+        async with aclosing(fill.windows(file, start, end)) as windows:
+            async for source, offset, count in windows:
+                if request.transport is None:
+                    return response
+                if end is None:
+                    # Size unknown: the bytes must go through aiohttp's chunk framing.
+                    await response.write(await asyncio.to_thread(os.pread, source.fileno(), count, offset))
+                else:
+                    # Zero-copy from the growing cache file (asyncio falls back to copying
+                    # where the transport cannot sendfile, e.g. TLS).
+                    await loop.sendfile(request.transport, source, offset, count)
+                request[SENT] += count
+    except ConnectionError:
+        return response
+    except MirrorError as error:
+        # Headers are out: the only honest signal left is a cut connection.
+        log.warning("aborting %s: %s", request.path, error.message)
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+class ClusterHandlers:
+    """The internal endpoint from which the other replicas stream a download this one leads."""
+
+    def __init__(self, cluster: Callable[[], Cluster]) -> None:
+        self._cluster = cluster
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(FILL_PATH + "{digest}", self.fill)
+
+    async def fill(self, request: web.Request) -> web.StreamResponse:
+        request[ROUTE] = "cluster"
+        check_token(self._cluster().token, request.headers.get(TOKEN_HEADER))
+        digest = Digest.parse(request.match_info["digest"])
+        start = request.query.get("from", "0")
+        if not (start.isascii() and start.isdigit()):
+            raise RangeInvalid(f"from={start[:20]!r} is not a byte offset", 0)
+        fill = request.app[PROXY].fills.active(digest)
+        size = await fill.started() if fill is not None else None
+        file = fill.reader() if fill is not None else None
+        if fill is None or file is None:
+            raise BlobUnknown(f"{digest} is not downloading on this replica")
+        with file:
+            response = web.StreamResponse(headers={SIZE_HEADER: str(size)} if size is not None else {})
+            if size is not None:
+                response.content_length = max(size - int(start), 0)
+            else:
+                response.enable_chunked_encoding()
+            return await _tail(request, response, fill, file, min(int(start), size or int(start)), size)
 
 
 def _rewrite_link(link: str, request: web.Request) -> str:

@@ -1,5 +1,6 @@
 """What is cached, beyond the bytes: tags, manifest media types, and which repository is known
-to reference which content.
+to reference which content. `Index` is the seam: SQLite here for one process, Redis
+(mirror.redisindex) for replicas that share one bucket.
 
 SQLite (WAL) in one file next to the blobs; every call runs on one dedicated thread, so the
 event loop never blocks on the database and the connection is never shared across threads.
@@ -21,11 +22,11 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from cachetools import LRUCache
 
@@ -122,7 +123,73 @@ class Reconciled:
     """Rows whose file is gone."""
 
 
-class Index:
+class Index(Protocol):
+    """What the proxy, eviction and the commands need to know beyond the bytes. Manifest and tag
+    records are written only after the bytes they name are published."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raises unless the index answers (for the readiness probe)."""
+
+    async def tag(self, upstream: str, name: str, tag: str) -> TagRecord | None: ...
+    async def set_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None: ...
+    async def drop_tag(self, upstream: str, name: str, tag: str) -> None: ...
+    async def cached_tags(self, upstream: str, name: str) -> list[str]: ...
+    async def manifest_type(self, digest: Digest) -> str | None: ...
+
+    async def add_manifest(self, upstream: str, name: str, digest: Digest, media_type: str,
+                           references: Iterable[Digest]) -> None:
+        """A stored manifest; the repository it came from is known to reference it and all it
+        references."""
+
+    async def parents(self, digest: Digest) -> list[Digest]:
+        """The cached manifests (indexes) that reference `digest`."""
+
+    async def add_blob(self, digest: Digest, size: int) -> bool:
+        """A published blob; True if it was not known (its size is counted once)."""
+
+    def touch(self, digest: Digest) -> None:
+        """`digest` was read now (recorded by `flush_access`)."""
+
+    async def flush_access(self) -> None: ...
+
+    async def reconcile(self, files: Mapping[str, tuple[int, float]]) -> Reconciled:
+        """Make the blob records match what the store holds ({digest: (size, mtime)})."""
+
+    async def eviction_candidates(self, limit: int) -> list[tuple[Digest, int]]:
+        """(digest, size) of unpinned content no cached manifest references, least recently
+        used first."""
+
+    async def expired_candidates(self, cutoffs: Mapping[str, float], limit: int) -> list[tuple[Digest, int]]:
+        """As `eviction_candidates`, last accessed before the cutoff of every upstream that links
+        it; an upstream without a cutoff keeps what it links."""
+
+    async def forget(self, digest: Digest) -> list[Digest]:
+        """Drop all that is recorded about evicted content and the tags naming it; what it
+        referenced, which may now be free to go too."""
+
+    async def evictable(self, digests: Sequence[Digest]) -> list[tuple[Digest, int]]:
+        """(digest, size) of those of `digests` that are cached, unpinned and referenced by no
+        cached manifest."""
+
+    async def usage(self) -> tuple[int, int]:
+        """(blobs, bytes) the cache holds."""
+
+    async def pin(self, digest: Digest, pinned: bool = True) -> bool:
+        """Keep a manifest (and all it references) from eviction; False if it is not cached."""
+
+    async def is_linked(self, upstream: str, name: str, digest: Digest) -> bool: ...
+    async def link(self, upstream: str, name: str, digest: Digest) -> None: ...
+
+    async def record_miss(self, upstream: str, name: str, reference: str, kind: str) -> None:
+        """What an offline mirror was asked for and did not have, for the next image list."""
+
+    async def clear_miss(self, upstream: str, name: str, reference: str) -> None: ...
+
+
+class SqliteIndex:
     def __init__(self, path: Path, clock: Callable[[], float] | None = None, read_only: bool = False) -> None:
         """`read_only`: an index file that can be read but not written (a read-only or failing
         disk); every write then fails as a full disk's does."""
@@ -342,15 +409,14 @@ class Index:
             return [(Digest.parse(digest), int(size)) for digest, size in rows]
         return await self._run(query)
 
-    async def forget(self, digest: Digest) -> bool:
-        """Drop everything recorded about evicted content, and the tags that named it. True if
-        it referenced other content, which may now be free to go too."""
+    async def forget(self, digest: Digest) -> list[Digest]:
         key = (str(digest),)
 
-        def write() -> bool:
+        def write() -> list[Digest]:
             with self.db:
                 self.db.execute("BEGIN")
-                released = self.db.execute("DELETE FROM refs WHERE parent = ?", key).rowcount > 0
+                released = [Digest.parse(row[0]) for row in self.db.execute(
+                    "DELETE FROM refs WHERE parent = ? RETURNING child", key)]
                 for statement in ("DELETE FROM blobs WHERE digest = ?", "DELETE FROM manifests WHERE digest = ?",
                                   "DELETE FROM tags WHERE digest = ?", "DELETE FROM links WHERE digest = ?"):
                     self.db.execute(statement, key)
@@ -361,6 +427,18 @@ class Index:
             return await self._run(write)
         finally:
             self._forget_remembered()
+
+    async def evictable(self, digests: Sequence[Digest]) -> list[tuple[Digest, int]]:
+        wanted = [str(d) for d in digests]
+
+        def query() -> list[tuple[Digest, int]]:
+            rows = self.db.execute(
+                "SELECT b.digest, b.size FROM blobs b WHERE b.pinned = 0 "
+                f"AND b.digest IN ({', '.join('?' for _ in wanted)}) AND NOT EXISTS ("
+                "SELECT 1 FROM refs r JOIN blobs p ON p.digest = r.parent WHERE r.child = b.digest)",
+                wanted).fetchall()
+            return [(Digest.parse(digest), int(size)) for digest, size in rows]
+        return await self._run(query) if wanted else []
 
     def _forget_remembered(self) -> None:
         self._tag_writes += 1

@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from mirror.access import ROUTE
 from mirror.metrics import Metrics
 
-Readiness = Callable[[], Awaitable[dict[str, str]]]
-"""What is not ready, by check name; empty when all is well."""
+Readiness = Callable[[], Awaitable[tuple[dict[str, str], dict[str, str]]]]
+"""(What is not ready, what works in a degraded way), by check name; both empty when all is well."""
 
 
 class OpsHandlers:
@@ -36,7 +36,11 @@ class OpsHandlers:
 
     async def readyz(self, request: web.Request) -> web.Response:
         request[ROUTE] = "ops"
-        problems = await self._readiness()
+        problems, degraded = await self._readiness()
         if problems:
-            return web.json_response({"status": "unready", "problems": problems}, status=503)
-        return web.json_response({"status": "ready"})
+            return web.json_response({"status": "unready", "problems": problems, **_shown(degraded)}, status=503)
+        return web.json_response({"status": "ready", **_shown(degraded)})
+
+
+def _shown(degraded: dict[str, str]) -> dict[str, dict[str, str]]:
+    return {"degraded": degraded} if degraded else {}

@@ -24,13 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 from cachetools import LRUCache, TTLCache
 
+from mirror.cluster import Cluster
 from mirror.errors import (
     BlobUnknown,
     CacheWriteError,
@@ -60,6 +63,8 @@ ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
 _STALE_IF = (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, CacheWriteError, UpstreamRefused)
 # Absent manifests and failed tag checks remembered at most, per upstream / in all.
 _REMEMBERED = 65536
+# Tries to catch a blob that keeps finishing downloading between two looks.
+_ROUNDS = 3
 
 
 class CacheResult(Enum):
@@ -84,15 +89,18 @@ class ManifestResult:
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
-    path: Path
     size: int
     digest: Digest
+    path: Path | None
+    """A local file to send with sendfile; None where the store streams it (`Proxy.chunks`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class StreamingBlob:
     fill: Fill
     cache: CacheResult
+    file: BinaryIO
+    """The reader's own descriptor on the growing spool file, closed by the reader."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +112,9 @@ class BlobHead:
 class Proxy:
     def __init__(self, store: BlobStore, index: Index, evictor: Evictor, upstreams: Mapping[str, Source],
                  background: Background, revalidate_timeout: float = 5.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, cluster: Cluster | None = None) -> None:
         self._store = store
+        self._cluster = cluster
         self._index = index
         self._evictor = evictor
         self._upstreams = upstreams
@@ -228,7 +237,7 @@ class Proxy:
         key = ("manifest", upstream.name, name, str(reference), accept)
         joined = self._fetches.running(key)
         if not joined:
-            self._store.ensure_room()
+            self._store.spool.ensure_room()
         result = await self._fetches.run(key, lambda: self._download_manifest(upstream, name, reference, accept,
                                                                               tag_it))
         return replace(result, cache=CacheResult.JOINED) if joined else result
@@ -247,7 +256,7 @@ class Proxy:
         media_type = manifest_media_type(fetched.body, fetched.media_type)
 
         async def store() -> None:
-            if self._store.size(digest) is None:
+            if await self._store.size(digest) is None:
                 # Same digest, same bytes: a manifest stored under another tag is not written again.
                 await self._store.put(digest, fetched.body)
             await self._record_blob(digest, len(fetched.body))
@@ -278,33 +287,47 @@ class Proxy:
         """A cached blob, or a download under way whose upstream has answered."""
         upstream = self._upstreams[route.upstream.name]
         digest = _digest_of(route)
-        if self._store.size(digest) is not None or self.fills.active(digest) is not None:
-            await self._ensure_visible(upstream, route.name, digest, "blob")
-            # Checked again: the fill may have finished, or failed, while we asked.
-            size = self._store.size(digest)
-            if size is not None:
-                self._index.touch(digest)
-                self._evictor.reading(digest)  # until `done_reading`: eviction leaves it alone
-                return CachedBlob(self._store.path(digest), size, digest)
-            if (fill := self.fills.active(digest)) is not None:
-                try:
-                    await fill.started()
-                    return StreamingBlob(fill, CacheResult.JOINED)
-                except (BlobUnknown, NameUnknown, Denied):
-                    # The repository that started it was refused; this one was confirmed.
-                    pass
-        fill = self.fills.active(digest)
-        if fill is None:
-            self._store.ensure_room()
-            fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
-        await fill.started()
-        await self._best_effort(self._index.link(upstream.name, route.name, digest))
-        return StreamingBlob(fill, CacheResult.MISS)
+        # A download that ends between joining it and opening its spool has published the blob
+        # (or failed): the next round finds it in the store (or starts another).
+        for _ in range(_ROUNDS):
+            size = await self._store.size(digest)
+            if size is not None or self.fills.active(digest) is not None:
+                await self._ensure_visible(upstream, route.name, digest, "blob")
+                if size is None:
+                    # Checked again: the fill may have finished, or failed, while we asked.
+                    size = await self._store.size(digest)
+                if size is not None:
+                    self._index.touch(digest)
+                    self._evictor.reading(digest)  # until `done_reading`: eviction leaves it alone
+                    return CachedBlob(size, digest, self._store.local_path(digest))
+                if (fill := self.fills.active(digest)) is not None:
+                    try:
+                        await fill.started()
+                    except (BlobUnknown, NameUnknown, Denied):
+                        # The repository that started it was refused; this one was confirmed.
+                        pass
+                    else:
+                        if (file := fill.reader()) is not None:
+                            return StreamingBlob(fill, CacheResult.JOINED, file)
+                        continue
+            fill = self.fills.active(digest)
+            if fill is None:
+                self._store.spool.ensure_room()
+                fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
+            await fill.started()
+            await self._best_effort(self._index.link(upstream.name, route.name, digest))
+            if (file := fill.reader()) is not None:
+                return StreamingBlob(fill, CacheResult.MISS, file)
+        raise Unavailable(f"{digest} kept finishing before it could be read: try again")
+
+    def chunks(self, blob: CachedBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) of a cached blob the store does not keep as a local file."""
+        return self._store.chunks(blob.digest, start, end)
 
     async def blob_head(self, route: Route) -> BlobHead:
         upstream = self._upstreams[route.upstream.name]
         digest = _digest_of(route)
-        size = self._store.size(digest)
+        size = await self._store.size(digest)
         if size is not None:
             await self._ensure_visible(upstream, route.name, digest, "blob")
             self._index.touch(digest)
@@ -313,14 +336,32 @@ class Proxy:
         return BlobHead(head.size, CacheResult.MISS)
 
     async def _download_blob(self, upstream: Source, name: str, fill: Fill) -> None:
-        await upstream.fetch_blob(name, fill.digest, fill)
-
         async def publish() -> None:
             await fill.commit()
             await self._record_blob(fill.digest, fill.written)
-        # Once publishing has begun the file lands whatever happens (the rename is in a thread):
-        # a shutdown waits until it is recorded too, or eviction would not see it.
-        await run_to_end(publish())
+
+        async def published() -> None:
+            # Once publishing has begun the blob lands whatever happens (a rename in a thread,
+            # an upload's completion): a shutdown waits until it is recorded too.
+            await run_to_end(publish())
+        if self._cluster is not None:
+            await self._cluster.fetch_blob(upstream, name, fill.digest, fill, published,
+                                           lambda: self._from_store(fill))
+        else:
+            await upstream.fetch_blob(name, fill.digest, fill)
+            await published()
+
+    async def _from_store(self, fill: Fill) -> bool:
+        """Finish `fill` from the store if another replica published the blob meanwhile."""
+        size = await self._store.size(fill.digest)
+        if size is None:
+            return False
+        if not fill.begun:
+            fill.begin(size)
+        async with aclosing(self._store.chunks(fill.digest, fill.written, size)) as chunks:
+            async for data in chunks:
+                await fill.write(data)
+        return True
 
     async def _record_blob(self, digest: Digest, size: int) -> None:
         """Index a published file; if the index cannot take it now, the next start-up will."""

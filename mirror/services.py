@@ -10,6 +10,7 @@ in flight, publishes nothing partial, and lets the cache go.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sqlite3
@@ -19,23 +20,37 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
+from mirror.cluster import Cluster, default_advertise
 from mirror.config import Config
-from mirror.errors import CacheWriteError
+from mirror.errors import CacheBusy, CacheWriteError, ConfigError
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.imagelist import Platform
-from mirror.index import INDEX_FILE, Index
+from mirror.index import (
+    INDEX_FILE,
+    CachedImage,
+    Index,
+    Miss,
+    SqliteIndex,
+    cached_images,
+    recorded_misses,
+    set_pinned,
+)
 from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.offline import OfflineUpstream
 from mirror.proxy import Proxy
-from mirror.storage import BlobStore
+from mirror.redisindex import RedisIndex
+from mirror.s3store import S3Store
+from mirror.storage import BlobStore, DiskStore
 from mirror.upstream import Source, Upstream
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How often access times are written to the index, in one transaction.
 ACCESS_FLUSH_INTERVAL = 10.0
@@ -55,6 +70,8 @@ class Services:
     background: Background
     proxy: Proxy
     evictor: Evictor
+    cluster: Cluster | None = None
+    """The other replicas on the same bucket, where Redis is set."""
     draining: bool = False
     """Set on SIGTERM: readiness fails so load balancers stop sending new pulls."""
     index_problem: str | None = None
@@ -66,22 +83,19 @@ async def open_services(config: Config, metrics: Metrics,
                         clock: Callable[[], float] | None = None) -> AsyncIterator[Services]:
     """The services of the cache in `config.cache_dir`, for as long as the context lasts.
     Raises CacheBusy if another process has it."""
-    store = BlobStore(config.cache_dir)
-    store.lock()
-    swept = store.open()
+    store = build_store(config)
+    store.spool.lock()
+    try:
+        swept = await store.open()
+    except BaseException:
+        store.spool.unlock()
+        raise
     if swept:
         log.info("swept %d unfinished downloads from %s", swept, config.cache_dir)
-    index, index_problem = await _open_index(config.cache_dir / INDEX_FILE, clock)
-    try:
-        reconciled = await index.reconcile(await asyncio.to_thread(store.scan))
-    except CacheWriteError as exc:
-        log.warning("could not reconcile the index with the cache: %s", exc.message)
-    else:
-        if reconciled.added or reconciled.removed:
-            log.info("index reconciled with the cache: %d blobs added, %d removed",
-                     reconciled.added, reconciled.removed)
+    index, index_problem = await _open_index(config, clock)
+    await _reconcile(config, store, index)
     loop = asyncio.get_running_loop()
-    periodic = [loop.create_task(_flush_access(index), name="flush access times")]
+    periodic: list[asyncio.Task[None]] = []
     timeouts = config.timeouts
     # Small requests: waiting for a connection counts against the connect limit, so a
     # revalidation fails over to the cached copy instead of queueing.
@@ -101,10 +115,17 @@ async def open_services(config: Config, metrics: Metrics,
         if u.offline
         else Upstream(u, session, blob_session, metrics, clock or time.monotonic)
         for u in config.upstreams}
+    cluster = None
+    if config.redis is not None:
+        cluster = await _join(config, upstreams)
+    if cluster is not None:
+        evictor.exclusive = cluster.exclusive
+    periodic.append(loop.create_task(_flush_access(index, evictor if cluster is not None else None),
+                                     name="flush access times"))
     proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
-                  clock=clock)
+                  clock=clock, cluster=cluster)
     try:
-        yield Services(config, store, index, background, proxy, evictor, index_problem=index_problem)
+        yield Services(config, store, index, background, proxy, evictor, cluster=cluster, index_problem=index_problem)
     finally:
         for task in periodic:
             task.cancel()
@@ -112,8 +133,34 @@ async def open_services(config: Config, metrics: Metrics,
         await background.close()
         await session.close()
         await blob_session.close()
+        if cluster is not None:
+            await cluster.close()
         await index.close()
-        store.unlock()
+        await store.close()
+        store.spool.unlock()
+
+
+async def _join(config: Config, upstreams: dict[str, Source]) -> Cluster:
+    """The cluster of replicas on `config.redis`, sharing the upstreams' rate limits."""
+    assert config.redis is not None
+    cluster = Cluster(config.redis, config.advertise or default_advertise(config.host, config.port,
+                                                                           config.tls is not None))
+    breakers = {name: u.breaker for name, u in upstreams.items() if isinstance(u, Upstream)}
+    for name, breaker in breakers.items():
+        breaker.on_rate_limited = functools.partial(cluster.announce_rate_limit, name)
+
+    def rate_limited(upstream: str, wait: float, reason: str) -> None:
+        if (breaker := breakers.get(upstream)) is not None:
+            breaker.hold(wait, reason)
+    await cluster.open(rate_limited)
+    return cluster
+
+
+def build_store(config: Config) -> BlobStore:
+    """The store `config` names: the cache directory's own disk unless shared storage is set."""
+    if config.storage is not None:
+        return S3Store(config.storage, config.s3, config.cache_dir)
+    return DiskStore(config.cache_dir)
 
 
 def _platform_of(store: BlobStore, index: Index) -> Callable[[Digest], Awaitable[str | None]]:
@@ -133,19 +180,41 @@ def _platform_of(store: BlobStore, index: Index) -> Callable[[Digest], Awaitable
     return platform_of
 
 
-async def _open_index(path: Path, clock: Callable[[], float] | None) -> tuple[Index, str | None]:
-    """The cache's index; where its file cannot be written (a read-only or failing disk), the
-    same file read-only; where it cannot even be read (corrupt), a temporary index in memory
-    rebuilt from the blobs as after a crash. Either way the mirror still serves what it can, the
-    file is left as it is for the operator, and the second value says why."""
-    index = Index(path, clock=clock)
+async def _reconcile(config: Config, store: BlobStore, index: Index) -> None:
+    """Make the index match what the store holds: after a crash either may be ahead. A shared
+    index is rebuilt from the bucket only when it is empty (a Redis flushed or replaced): the
+    replicas keep it right while they run, and one starting must not drop what another is
+    recording as it lists."""
+    try:
+        if config.redis is not None and (await index.usage())[0] > 0:
+            return
+        reconciled = await index.reconcile(await store.scan())
+    except CacheWriteError as exc:
+        log.warning("could not reconcile the index with the cache: %s", exc.message)
+        return
+    if reconciled.added or reconciled.removed:
+        log.info("index reconciled with the cache: %d blobs added, %d removed", reconciled.added, reconciled.removed)
+
+
+async def _open_index(config: Config, clock: Callable[[], float] | None) -> tuple[Index, str | None]:
+    """The cluster's index in Redis; or the cache's own index file, and where it cannot be
+    written (a read-only or failing disk), the same file read-only; where it cannot even be read
+    (corrupt), a temporary index in memory rebuilt from the blobs as after a crash. Either way
+    the mirror still serves what it can, the file is left as it is for the operator, and the
+    second value says why."""
+    if config.redis is not None:
+        shared = RedisIndex(config.redis, clock=clock)
+        await shared.open()
+        return shared, None
+    path = config.cache_dir / INDEX_FILE
+    index = SqliteIndex(path, clock=clock)
     try:
         await index.open()
         return index, None
     except CacheWriteError as exc:
         await index.close()
         reason = exc.message
-    read_only = Index(path, clock=clock, read_only=True)
+    read_only = SqliteIndex(path, clock=clock, read_only=True)
     try:
         await read_only.open()
         problem = f"the index file {path} cannot be written ({reason}): serving from it read-only"
@@ -156,7 +225,7 @@ async def _open_index(path: Path, clock: Callable[[], float] | None) -> tuple[In
     problem = (f"the index file {path} cannot be opened ({reason}): running on a temporary index in memory "
                "until it is fixed or moved aside and the mirror restarted")
     log.error("%s", problem)
-    memory = Index(Path(":memory:"), clock=clock)
+    memory = SqliteIndex(Path(":memory:"), clock=clock)
     await memory.open()
     return memory, problem
 
@@ -174,11 +243,15 @@ def _upstream_session(timeout: aiohttp.ClientTimeout,
     return session
 
 
-async def _flush_access(index: Index) -> None:
+async def _flush_access(index: Index, shared: Evictor | None) -> None:
+    """Access times to the index; and with replicas, the usage the others added to the shared
+    cache back into this one's evictor, so that some replica evicts when the bucket is full."""
     while True:
         await asyncio.sleep(ACCESS_FLUSH_INTERVAL)
         try:
             await index.flush_access()
+            if shared is not None:
+                await shared.refresh()
         except CacheWriteError as exc:
             # Access times only order eviction: losing one batch is no reason to stop.
             log.warning("could not record access times: %s", exc)
@@ -202,12 +275,18 @@ async def _expire(evictor: Evictor, max_ages: dict[str, float], clock: Callable[
 
 
 async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evicted]]:
-    """Age expiry and one eviction pass on a cache no mirror is serving: (usage before, after,
-    what went). A dry run works on a copy of the index and deletes no file."""
-    store = BlobStore(config.cache_dir)
-    store.lock()
+    """Age expiry and one eviction pass: on a cache directory no mirror is serving, or on a
+    cluster's shared cache while its replicas serve (taking the eviction lease from them):
+    (usage before, after, what went). A dry run works on a copy of the index and deletes no
+    file; a cluster's index cannot be copied, so there it is refused."""
+    if config.redis is not None:
+        if dry_run:
+            raise ConfigError("gc --dry-run works on a cache directory; on a cluster (redis set) gc evicts for real")
+        return await _evict_cluster(config)
+    store = DiskStore(config.cache_dir)
+    store.spool.lock()
     try:
-        store.open()
+        await store.open()
         database = config.cache_dir / INDEX_FILE
         files = store
         with tempfile.TemporaryDirectory() as scratch:
@@ -216,10 +295,10 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
                 with sqlite3.connect(database) as source, sqlite3.connect(copy) as target:
                     source.backup(target)
                 database, files = copy, _KeepFiles(config.cache_dir)
-            index = Index(database)
+            index = SqliteIndex(database)
             await index.open()
             try:
-                await index.reconcile(await asyncio.to_thread(store.scan))
+                await index.reconcile(await store.scan())
                 evictor = Evictor(config.eviction, files, index, Background(), Metrics())
                 evictor.usage = (await index.usage())[1]
                 before = evictor.usage
@@ -230,11 +309,74 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
             finally:
                 await index.close()
     finally:
-        store.unlock()
+        store.spool.unlock()
 
 
-class _KeepFiles(BlobStore):
+async def _evict_cluster(config: Config) -> tuple[int, int, list[Evicted]]:
+    assert config.redis is not None
+    store = build_store(config)
+    await store.open()
+    index = RedisIndex(config.redis)
+    cluster = Cluster(config.redis, advertise="mirror gc")
+    try:
+        await index.open()
+        await index.ping()
+        await cluster.open(lambda *_: None)
+        evictor = Evictor(config.eviction, store, index, Background(), Metrics())
+        evictor.exclusive = cluster.exclusive
+        before = (await index.usage())[1]
+        async with cluster.exclusive("evict") as held:
+            if not held:
+                raise CacheBusy("a replica is evicting from the shared cache right now; try again shortly")
+        evicted = await evictor.expire(_max_ages(config), time.time())
+        if config.eviction.max_size is not None:
+            evicted += await evictor.evict()
+        return before, (await index.usage())[1], evicted
+    finally:
+        await cluster.close()
+        await index.close()
+        await store.close()
+
+
+async def cached_listing(config: Config) -> list[CachedImage]:
+    """Every cached tag, for `mirror ls`: from the cluster's index, or read from the cache
+    directory's index file (beside a serving mirror: WAL lets it read while the mirror writes)."""
+    if config.redis is None:
+        database = config.cache_dir / INDEX_FILE
+        return cached_images(database) if database.exists() else []
+    return await _on_shared_index(config, lambda index: index.images())
+
+
+async def misses_listing(config: Config) -> list[Miss]:
+    """What an offline mirror could not serve, most asked first."""
+    if config.redis is None:
+        database = config.cache_dir / INDEX_FILE
+        return recorded_misses(database) if database.exists() else []
+    return await _on_shared_index(config, lambda index: index.misses())
+
+
+async def pin_image(config: Config, upstream: str, name: str, reference: str, pinned: bool) -> str | None:
+    """Pin (or unpin) a cached image by tag or digest; its manifest digest, or None if it is not cached."""
+    if config.redis is None:
+        database = config.cache_dir / INDEX_FILE
+        return set_pinned(database, upstream, name, reference, pinned) if database.exists() else None
+    return await _on_shared_index(config, lambda index: index.set_pinned(upstream, name, reference, pinned))
+
+
+async def _on_shared_index(config: Config, work: Callable[[RedisIndex], Awaitable[T]]) -> T:
+    """`work` on the cluster's index; CacheWriteError if Redis cannot be reached (an empty
+    answer would tell an operator that nothing is cached)."""
+    assert config.redis is not None
+    index = RedisIndex(config.redis)
+    try:
+        await index.open()
+        return await work(index)
+    finally:
+        await index.close()
+
+
+class _KeepFiles(DiskStore):
     """A store whose evictions are only pretended, for dry runs."""
 
-    def remove(self, digest: Digest) -> None:
+    async def remove(self, digest: Digest) -> None:
         pass

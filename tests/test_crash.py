@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-import mirror.storage
+import mirror.spool
 from mirror.oci import MANIFEST_MEDIA_TYPES, Digest
 from tests.conftest import Counting, MirrorFactory, Registry
 from tests.support.disks import mount_tmpfs, unmount
@@ -513,7 +513,7 @@ class Tmpfs(Disk):
 
 
 class InjectedOs(Disk):
-    """Stands in for `os` inside `mirror.storage`. Once `room` bytes are written, writes fail
+    """Stands in for `os` inside `mirror.spool`. Once `room` bytes are written, writes fail
     with `error` (ENOSPC: the last one short, as on a real filesystem), `refusals` times (None:
     until space is freed); everything else is the real `os`."""
 
@@ -554,7 +554,7 @@ def disk(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mon
     cache.mkdir()
     if request.param == "injected-enospc":
         injected = InjectedOs()
-        monkeypatch.setattr(mirror.storage, "os", injected)
+        monkeypatch.setattr(mirror.spool, "os", injected)
         yield injected
         return
     reason = mount_tmpfs(cache, "8m")
@@ -669,7 +669,7 @@ async def test_a_disk_that_refuses_a_write_fails_the_fill_at_once_and_says_so(
     big = push_raw_image(registry.url, "crash/diskhiccup", "v1", [random.Random("hiccup").randbytes(6 * MiB)])
     layer = blob_digests(big)[1]
     disk = InjectedOs()
-    monkeypatch.setattr(mirror.storage, "os", disk)
+    monkeypatch.setattr(mirror.spool, "os", disk)
     async with passthrough(registry.url) as upstream:
         mirror_ = await make_mirror({UPSTREAM: upstream.url}, cache_dir=tmp_path / "cache")
         pulls = Puller(client, mirror_.url)
@@ -684,7 +684,7 @@ async def test_a_disk_that_refuses_a_write_fails_the_fill_at_once_and_says_so(
         assert outcome in ("cut", "error status")
         async with asyncio.timeout(TIMEOUT):
             await mirror_.services.background.join()
-        assert mirror_.services.store.size(Digest.parse(layer)) is None
+        assert await mirror_.services.store.size(Digest.parse(layer)) is None
         assert temp_files(tmp_path / "cache") == []
         reports = [r.getMessage() for r in caplog.records if layer in r.getMessage() and r.levelno >= logging.WARNING]
         assert any("disk is full" in m or "No space left" in m for m in reports), (
@@ -776,7 +776,7 @@ async def test_a_disk_that_fails_writes_keeps_serving_what_is_cached(
     cached = push_raw_image(registry.url, "failing/cached", "v1", [random.Random("cached").randbytes(256 * 1024)])
     fresh = push_raw_image(registry.url, "failing/fresh", "v1", [random.Random("fresh").randbytes(256 * 1024)])
     disk = InjectedOs(error=failure)
-    monkeypatch.setattr(mirror.storage, "os", disk)
+    monkeypatch.setattr(mirror.spool, "os", disk)
     mirror_ = await make_mirror({UPSTREAM: registry.url}, cache_dir=tmp_path / "cache")
     pulls = Puller(client, mirror_.url)
     cached_paths = [(f"/v2/{cached.name}/manifests/{cached.tag}", cached.manifest),

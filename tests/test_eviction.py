@@ -52,7 +52,8 @@ def three_images(fake: FakeUpstream) -> tuple[Image, Image, Image]:
 
 
 def cached(mirror: Mirror, digest: str) -> bool:
-    return mirror.services.store.size(Digest.parse(digest)) is not None
+    path = mirror.services.store.local_path(Digest.parse(digest))
+    return path is not None and path.exists()
 
 
 async def test_least_recently_used_image_goes_first(fake: FakeUpstream, make_mirror: MirrorFactory,

@@ -53,7 +53,8 @@ def sha256(data: bytes) -> str:
 
 def stored_digest(mirror: Mirror, digest: str) -> str | None:
     """The sha256 of the store's file for `digest`, or None if the store has none."""
-    path = mirror.services.store.path(Digest.parse(digest))
+    path = mirror.services.store.local_path(Digest.parse(digest))
+    assert path is not None
     return sha256(path.read_bytes()) if path.exists() else None
 
 
@@ -632,7 +633,7 @@ async def test_download_survives_the_client_that_started_it(
         gate.set()
         await mirror.services.background.join()
 
-    assert mirror.services.store.size(Digest.parse(digest)) == len(data)
+    assert await mirror.services.store.size(Digest.parse(digest)) == len(data)
     assert stored_digest(mirror, digest) == digest
     assert tmp_files(mirror) == []
     before = fake.count("GET", "blobs")
@@ -695,7 +696,7 @@ async def test_head_of_uncached_blob_does_not_download_it(
     await mirror.services.background.join()
     assert fake.count("HEAD", "blobs") == 1
     assert fake.count("GET", "blobs") == 0
-    assert mirror.services.store.size(Digest.parse(digest)) is None
+    assert await mirror.services.store.size(Digest.parse(digest)) is None
 
     missing = await fetch(client, blob_url(mirror, NAME, sha256(b"absent")), "HEAD")
     assert missing.status == 404

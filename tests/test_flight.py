@@ -12,7 +12,7 @@ import pytest
 from mirror.errors import IntegrityError
 from mirror.flight import Fill
 from mirror.oci import Digest
-from mirror.storage import BlobStore
+from mirror.storage import DiskStore
 
 DATA = b"0123456789" * 1000
 
@@ -21,7 +21,9 @@ async def offered(fill: Fill) -> tuple[asyncio.Task[tuple[int, int]], list[int]]
     """A reader that records how many bytes it was offered; its first window is taken before
     returning, the rest as the fill allows."""
     counts: list[int] = []
-    windows = fill.windows(0, len(DATA))
+    file = fill.reader()
+    assert file is not None
+    windows = fill.windows(file, 0, len(DATA))
     first = await anext(windows)
     counts.append(first[2])
 
@@ -34,8 +36,8 @@ async def offered(fill: Fill) -> tuple[asyncio.Task[tuple[int, int]], list[int]]
 
 @pytest.mark.parametrize("good", [True, False], ids=["verified", "wrong-digest"])
 async def test_last_byte_waits_for_verification(tmp_path: Path, good: bool) -> None:
-    store = BlobStore(tmp_path)
-    store.open()
+    store = DiskStore(tmp_path)
+    await store.open()
     content = DATA if good else DATA[:-1] + b"!"
     fill = Fill(Digest(hashlib.sha256(DATA).hexdigest()), store)
     fill.begin(len(DATA))
@@ -56,7 +58,7 @@ async def test_last_byte_waits_for_verification(tmp_path: Path, good: bool) -> N
         with pytest.raises(IntegrityError):
             await reader
         assert sum(counts) == len(DATA) - 1
-        assert store.size(fill.digest) is None
+        assert await store.size(fill.digest) is None
     await fill.close()
     assert list((tmp_path / "tmp").iterdir()) == []
 
@@ -65,14 +67,16 @@ async def test_last_byte_waits_for_verification(tmp_path: Path, good: bool) -> N
 async def test_window_inside_the_blob_waits_for_verification_too(tmp_path: Path, start: int, end: int) -> None:
     """A Range that ends before the blob does, or an empty one, is not complete until the whole
     blob is verified: its last byte waits, whatever the bytes before it."""
-    store = BlobStore(tmp_path)
-    store.open()
+    store = DiskStore(tmp_path)
+    await store.open()
     fill = Fill(Digest(hashlib.sha256(DATA).hexdigest()), store)
     fill.begin(len(DATA))
     await fill.write(DATA[:5000])
 
     counts: list[int] = []
-    windows = fill.windows(start, end)
+    file = fill.reader()
+    assert file is not None
+    windows = fill.windows(file, start, end)
 
     async def read_all() -> None:
         async for _, _, count in windows:

@@ -27,7 +27,7 @@ import yaml
 from kubernetes_validate.utils import latest_version  # type: ignore[import-untyped]
 
 from mirror.auth import Htpasswd, Identity, Tokens
-from mirror.config import AccessRule, Config, ConnectionLimits, check_private, load
+from mirror.config import AccessRule, Config, ConnectionLimits, S3Location, check_private, load
 from mirror.tls import server_context
 from tests.conftest import unavailable
 from tests.support.clients import system_path
@@ -48,6 +48,28 @@ SERVICE_HOST = f"{RELEASE}.{NAMESPACE}.svc.cluster.local:5000"
 GIB = 1024**3
 # The accounts in the full values' htpasswd content.
 ACCOUNTS = {"alice": "alice-pw", "builder": "builder-pw"}
+
+# Cluster mode on the default values: three replicas sharing a SeaweedFS bucket, with the S3 keys
+# and the Redis URL (which holds a password) given inline, for the chart's own Secret.
+CLUSTER_STORAGE = "s3://mirror-cache/k8s"
+CLUSTER_REDIS = "redis://:redis-pw@redis-master.redis.svc:6379/0"
+CLUSTER: dict[str, Any] = {
+    "replicaCount": 3,
+    "config": {"max_size": "500GiB"},
+    "cluster": {"enabled": True, "storage": CLUSTER_STORAGE,
+                "s3": {"endpoint": "http://seaweedfs-s3.storage:8333", "region": "us-east-1",
+                       "accessKeyId": "mirror-access", "secretAccessKey": "mirror-s3-secret"},
+                "redis": {"url": CLUSTER_REDIS}},
+}
+# Cluster mode over the full values, every credential from Secrets of your own.
+CLUSTER_EXISTING: dict[str, Any] = {
+    "cluster": {"enabled": True, "storage": "s3://mirror-cache",
+                "s3": {"existingSecret": "mirror-s3", "accessKeyIdKey": "access-key",
+                       "secretAccessKeyKey": "secret-key"},
+                "redis": {"existingSecret": "mirror-redis", "secretKey": "redis-url"}},
+}
+# The pod's IP and name, as the kubelet would give them through the downward API.
+POD_IP, POD_NAME = "10.244.1.7", f"{RELEASE}-6d9f7c5b8-x2k8q"
 
 # What Secrets the chart does not create hold, by (Secret, key); any other: FROM_EXISTING.
 ExistingSecrets = Mapping[tuple[str, str], str]
@@ -145,6 +167,20 @@ def full(helm: Renderer) -> list[dict[str, Any]]:
     return helm.manifests(FULL_VALUES)
 
 
+@pytest.fixture(scope="module")
+def cluster(helm: Renderer, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    path = tmp_path_factory.mktemp("cluster") / "values.yaml"
+    path.write_text(yaml.safe_dump(CLUSTER))
+    return helm.manifests(path)
+
+
+@pytest.fixture(scope="module")
+def full_cluster(helm: Renderer, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    path = tmp_path_factory.mktemp("full_cluster") / "values.yaml"
+    path.write_text(yaml.safe_dump(CLUSTER_EXISTING))
+    return helm.manifests(FULL_VALUES, path)
+
+
 ValuesFile = Callable[[dict[str, Any]], Path]
 
 
@@ -165,8 +201,15 @@ def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
     return found[0]
 
 
+def workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The StatefulSet, or in cluster mode the Deployment: never both."""
+    (found,) = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    assert isinstance(found, dict)
+    return found
+
+
 def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = find(docs, "StatefulSet")["spec"]["template"]["spec"]
+    spec: dict[str, Any] = workload(docs)["spec"]["template"]["spec"]
     return spec
 
 
@@ -234,9 +277,32 @@ def materialise_secrets(docs: list[dict[str, Any]], root: Path, existing: Existi
     return written
 
 
-def load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path, existing: ExistingSecrets | None = None) -> Config:
+def pod_environment(docs: list[dict[str, Any]], existing: ExistingSecrets | None = None) -> dict[str, str]:
+    """The container's environment as the kubelet sets it: values with $(VAR) expanded from the
+    variables defined before them, Secret keys from the chart's Secrets or `existing`, and the
+    pod's IP and name."""
+    own = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Secret"}
+    fields = {"status.podIP": POD_IP, "metadata.name": POD_NAME}
+    environment: dict[str, str] = {}
+    for variable in container(docs)["env"]:
+        if "value" in variable:
+            value = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: environment.get(m[1], m[0]), variable["value"])
+        elif "secretKeyRef" in variable["valueFrom"]:
+            ref = variable["valueFrom"]["secretKeyRef"]
+            secret = own.get(ref["name"])
+            value = (base64.b64decode(secret["data"][ref["key"]]).decode() if secret
+                     else (existing or {}).get((ref["name"], ref["key"]), FROM_EXISTING))
+        else:
+            value = fields[variable["valueFrom"]["fieldRef"]["fieldPath"]]
+        assert variable["name"] not in environment, f"{variable['name']} is set twice"
+        environment[variable["name"]] = value
+    return environment
+
+
+def load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path, existing: ExistingSecrets | None = None,
+                         environ: Mapping[str, str] | None = None) -> Config:
     """The mirror's own loader reading the ConfigMap's config.yaml, with the Secret files the pod
-    would have in place of its Secret volumes' mounts."""
+    would have in place of its Secret volumes' mounts (and `environ`, the pod's environment)."""
     secrets = tmp_path / "secrets"
     materialise_secrets(docs, secrets, existing or {})
     text = config_text(docs)
@@ -245,7 +311,7 @@ def load_rendered_config(docs: list[dict[str, Any]], tmp_path: Path, existing: E
         text = text.replace(f"{mounts[volume]}/", f"{secrets / volume}/")
     path = tmp_path / "config.yaml"
     path.write_text(text)
-    return load(path, environ={})
+    return load(path, environ=environ or {})
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +344,17 @@ def check_service_monitor(monitor: dict[str, Any], docs: list[dict[str, Any]]) -
     assert {p["name"] for p in selected[0]["spec"]["ports"]} >= {e["port"] for e in spec["endpoints"]}
 
 
-@pytest.mark.parametrize("which", ["default", "full"])
+@pytest.mark.parametrize("which", ["default", "full", "cluster", "full_cluster"])
 def test_every_object_is_valid_kubernetes(which: str, request: pytest.FixtureRequest) -> None:
     docs: list[dict[str, Any]] = request.getfixturevalue(which)
     kinds = sorted(d["kind"] for d in docs)
     expected = ["ConfigMap", "Service", "Service", "ServiceAccount", "StatefulSet"]
-    if which == "full":
+    if which.startswith("full"):
         expected = sorted([*expected, "ConfigMap", "PodDisruptionBudget", "Secret", "Secret", "ServiceMonitor"])
+    if which == "cluster":
+        expected = sorted([*expected, "PodDisruptionBudget", "Secret"])
+    if which.endswith("cluster"):
+        expected = sorted(["Deployment" if kind == "StatefulSet" else kind for kind in expected])
     assert kinds == expected
     for doc in docs:
         labels = doc["metadata"]["labels"]
@@ -293,7 +363,7 @@ def test_every_object_is_valid_kubernetes(which: str, request: pytest.FixtureReq
         if doc["kind"] == "ServiceMonitor":
             check_service_monitor(doc, docs)
             continue
-        if doc["kind"] == "StatefulSet":
+        if doc["kind"] in ("StatefulSet", "Deployment"):
             for volume in doc["spec"]["template"]["spec"]["volumes"]:
                 sources = [value for key, value in volume.items() if key != "name"]
                 assert len(sources) == 1 and isinstance(sources[0], dict), f"volume {volume} needs one source"
@@ -523,7 +593,7 @@ def test_probes_ask_the_metrics_listener(default: list[dict[str, Any]]) -> None:
     assert files["metrics_listen"].endswith(f":{ports['metrics']}") and files["listen"].endswith(f":{ports['http']}")
 
 
-@pytest.mark.parametrize("which", ["default", "full"])
+@pytest.mark.parametrize("which", ["default", "full", "cluster"])
 def test_pod_runs_unprivileged_on_a_read_only_root(which: str, request: pytest.FixtureRequest) -> None:
     docs: list[dict[str, Any]] = request.getfixturevalue(which)
     pod, main = pod_spec(docs), container(docs)
@@ -697,3 +767,211 @@ def test_chart_readme_shows_the_tested_snippets() -> None:
         assert transform(snippet("containerd/docker.io/hosts.toml", "10.96.0.50:5000")) in readme
         assert transform(snippet("docker/daemon.json", "10.96.0.50:5000")) in readme
 
+
+
+def test_cluster_mode_runs_a_deployment_of_replicas_sharing_the_bucket(cluster: list[dict[str, Any]]) -> None:
+    assert [d for d in cluster if d["kind"] in ("StatefulSet", "PersistentVolumeClaim")] == []
+    deployment = find(cluster, "Deployment", RELEASE)
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert "volumeClaimTemplates" not in spec
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    # The spool: an emptyDir within its limit, at the cache_dir the config names.
+    volumes = {v["name"]: v for v in pod_spec(cluster)["volumes"]}
+    assert volumes["spool"] == {"name": "spool", "emptyDir": {"sizeLimit": "20Gi"}}
+    assert "cache" not in volumes and not any("persistentVolumeClaim" in v for v in volumes.values())
+    mounts = {m["mountPath"]: m["name"] for m in container(cluster)["volumeMounts"]}
+    assert mounts["/var/cache/mirror"] == "spool"
+    assert yaml.safe_load(config_text(cluster))["cache_dir"] == "/var/cache/mirror"
+
+    # Replicas on different nodes where the scheduler can, so one node's loss leaves the others.
+    (term,) = pod_spec(cluster)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+
+    # The same probes, Services over every replica, and a budget for the Deployment's pods.
+    main = container(cluster)
+    assert {name: main[name]["httpGet"]["path"] for name in ("startupProbe", "livenessProbe", "readinessProbe")} == {
+        "startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"http": 5000, "metrics": 9090}
+    services = [s["spec"] for s in cluster if s["kind"] == "Service"]
+    assert len(services) == 2 and all(s["selector"].items() <= pod_labels.items() for s in services)
+    budget = find(cluster, "PodDisruptionBudget")["spec"]
+    assert budget["maxUnavailable"] == 1 and budget["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_cluster_pods_find_the_bucket_redis_and_each_other_in_their_environment(cluster: list[dict[str, Any]],
+                                                                                 tmp_path: Path) -> None:
+    environment = pod_environment(cluster)
+    assert environment["MIRROR_STORAGE"] == CLUSTER_STORAGE
+    assert environment["MIRROR_REDIS"] == CLUSTER_REDIS
+    assert environment["MIRROR_ADVERTISE"] == f"http://{POD_IP}:5000", "other replicas reach this pod at its IP"
+    assert (environment["AWS_ENDPOINT_URL_S3"], environment["AWS_REGION"]) == (
+        "http://seaweedfs-s3.storage:8333", "us-east-1")
+    assert (environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"]) == (
+        "mirror-access", "mirror-s3-secret")
+
+    # Keys and the Redis password come from the chart's Secret, never from the pod spec.
+    env = {v["name"]: v for v in container(cluster)["env"]}
+    for name in ("MIRROR_REDIS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-cluster", name
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["MIRROR_ADVERTISE"]["value"] == "http://$(POD_IP):5000"
+    not_secrets = yaml.safe_dump([d for d in cluster if d["kind"] != "Secret"])
+    for secret in ("redis-pw", "mirror-s3-secret", "mirror-access"):
+        assert secret not in not_secrets
+
+    # The mirror reads that environment over the ConfigMap's file: the bucket, the spool, and the
+    # budget of the shared cache (config.max_size: a bucket has no size to take a share of).
+    config = load_rendered_config(cluster, tmp_path, environ=environment)
+    assert config.storage == S3Location("mirror-cache", "k8s")
+    assert str(config.cache_dir) == "/var/cache/mirror"
+    assert config.eviction.max_size == 500 * GIB
+
+
+def test_cluster_credentials_from_secrets_of_your_own(full_cluster: list[dict[str, Any]], existing: ExistingSecrets,
+                                                      tmp_path: Path) -> None:
+    assert {s["metadata"]["name"] for s in full_cluster if s["kind"] == "Secret"} == {
+        f"{RELEASE}-auth", f"{RELEASE}-credentials"}, "nothing of the cluster's for the chart to keep"
+    env = {v["name"]: v.get("valueFrom", {}).get("secretKeyRef") for v in container(full_cluster)["env"]}
+    assert env["MIRROR_REDIS"] == {"name": "mirror-redis", "key": "redis-url"}
+    assert env["AWS_ACCESS_KEY_ID"] == {"name": "mirror-s3", "key": "access-key"}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "mirror-s3", "key": "secret-key"}
+    assert "AWS_ENDPOINT_URL_S3" not in env and "AWS_REGION" not in env, "AWS S3: the SDK's own endpoint and region"
+    names = [v["name"] for v in container(full_cluster)["env"]]
+    assert names.index("POD_IP") < names.index("MIRROR_ADVERTISE"), "$(POD_IP) expands only from earlier variables"
+    assert {"MIRROR_LOG_LEVEL", "POD_NAME"} <= set(names), "extraEnv still reaches the pod"
+
+    secrets = {**existing, ("mirror-redis", "redis-url"): "rediss://:pw@redis.example.com:6380/2",
+               ("mirror-s3", "access-key"): "AKID", ("mirror-s3", "secret-key"): "SECRET"}
+    environment = pod_environment(full_cluster, secrets)
+    assert environment["MIRROR_REDIS"] == "rediss://:pw@redis.example.com:6380/2"
+    assert environment["MIRROR_ADVERTISE"] == f"https://{POD_IP}:5000", "with TLS the internal endpoint is HTTPS"
+    config = load_rendered_config(full_cluster, tmp_path, secrets, environment)
+    assert config.storage == S3Location("mirror-cache", "")
+    assert config.eviction.max_size is None, "a share of persistence.size is no budget for a bucket"
+    assert config.auth.enabled and config.tls is not None and len(config.upstreams) == 3
+
+    # The full values' own affinity replaces the default anti-affinity; the rest is unchanged.
+    deployment = find(full_cluster, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert pod_spec(full_cluster)["affinity"] == yaml.safe_load(FULL_VALUES.read_text())["affinity"]
+    assert set(deployment["spec"]["template"]["metadata"]["annotations"]) >= {"checksum/config", "checksum/secret"}
+    volumes = {v["name"]: v for v in pod_spec(full_cluster)["volumes"]}
+    assert volumes["spool"]["emptyDir"] == {"sizeLimit": "20Gi"} and {"auth", "tls", "secrets"} <= set(volumes)
+
+
+def test_cluster_redis_url_without_password_and_no_keys(helm: Renderer, values: ValuesFile) -> None:
+    """A plain Redis URL stays in the pod spec where operators can read it; without keys the AWS
+    SDK's credential chain applies (e.g. a role through the ServiceAccount's annotations)."""
+    docs = helm.manifests(values({"serviceAccount": {"annotations": {
+                                      "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/mirror"}},
+                                  "cluster": {"enabled": True, "storage": CLUSTER_STORAGE,
+                                              "s3": {"region": "eu-west-1"},
+                                              "redis": {"url": "redis://redis-master.redis:6379/0"},
+                                              "spool": {"sizeLimit": ""}, "podAntiAffinity": "hard",
+                                              "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}}))
+    assert [d for d in docs if d["kind"] == "Secret"] == []
+    env = {v["name"]: v for v in container(docs)["env"]}
+    assert env["MIRROR_REDIS"] == {"name": "MIRROR_REDIS", "value": "redis://redis-master.redis:6379/0"}
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    account = find(docs, "ServiceAccount")["metadata"]["annotations"]
+    assert account["eks.amazonaws.com/role-arn"].endswith("role/mirror")
+    assert {v["name"]: v for v in pod_spec(docs)["volumes"]}["spool"]["emptyDir"] == {}
+    (term,) = pod_spec(docs)["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    strategy = find(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert strategy == {"maxUnavailable": 1, "maxSurge": 0}
+    assert "checksum/cluster-secret" not in find(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    for version in kubernetes_versions():
+        kubernetes_validate.validate(find(docs, "Deployment"), version, strict=True)
+
+    docs = helm.manifests(values({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "podAntiAffinity": "none",
+                                              "redis": {"url": "redis://redis:6379/0"},
+                                              "advertise": "http://[$(POD_IP)]:5000"}}))
+    assert "affinity" not in pod_spec(docs)
+    assert pod_environment(docs)["MIRROR_ADVERTISE"] == f"http://[{POD_IP}]:5000"
+
+
+def test_cluster_key_changes_roll_the_pods(helm: Renderer, cluster: list[dict[str, Any]], values: ValuesFile) -> None:
+    def annotations(docs: list[dict[str, Any]]) -> dict[str, str]:
+        found: dict[str, str] = find(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        return found
+
+    before = annotations(cluster)
+    assert set(before) == {"checksum/config", "checksum/cluster-secret"}
+    rotated = yaml.safe_load(yaml.safe_dump(CLUSTER))
+    rotated["cluster"]["s3"]["secretAccessKey"] = "rotated"
+    after = annotations(helm.manifests(values(rotated)))
+    assert after["checksum/cluster-secret"] != before["checksum/cluster-secret"]
+    assert after["checksum/config"] == before["checksum/config"]
+
+
+def test_cluster_notes_name_the_deployment_and_the_bucket(helm: Renderer, values: ValuesFile) -> None:
+    notes = helm.notes(values(CLUSTER))
+    assert f"3 pod(s) of Deployment {RELEASE}" in notes and CLUSTER_STORAGE in notes
+    assert f"rollout status deployment/{RELEASE}" in notes and "statefulset" not in notes.lower()
+    assert "WARNING: config.max_size" not in notes and "redis-pw" not in notes
+    unbounded = yaml.safe_load(yaml.safe_dump(CLUSTER))
+    del unbounded["config"]
+    assert "WARNING: config.max_size is not set" in helm.notes(values(unbounded))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"cluster": {"enabled": True, "redis": {"url": "redis://redis:6379/0"}}},
+     "cluster.storage: required with cluster.enabled: the shared bucket, as s3://BUCKET/PREFIX"),
+    ({"cluster": {"enabled": True, "storage": "gs://mirror-cache", "redis": {"url": "redis://redis:6379/0"}}},
+     'cluster.storage: expected s3://BUCKET/PREFIX (a bucket name of 3 to 63 lower-case letters, digits, dots and '
+     'dashes), got "gs://mirror-cache"'),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE}},
+     "cluster.redis: required with cluster.enabled: give url (redis://HOST:6379/0) or existingSecret"),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE,
+                  "redis": {"url": "redis://redis:6379/0", "existingSecret": "redis"}}},
+     "cluster.redis: give either url or existingSecret, not both"),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "redis": {"url": "redis-master:6379"}}},
+     "cluster.redis.url: expected a redis://, rediss:// or unix:// URL"),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "redis": {"url": "redis://redis:6379/0"},
+                  "s3": {"accessKeyId": "AKID"}}}, "cluster.s3: accessKeyId and secretAccessKey go together"),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "redis": {"url": "redis://redis:6379/0"},
+                  "s3": {"accessKeyId": "AKID", "secretAccessKey": "s", "existingSecret": "s3"}}},
+     "cluster.s3: give either existingSecret or accessKeyId and secretAccessKey, not both"),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "redis": {"url": "redis://redis:6379/0"},
+                  "s3": {"endpoint": "seaweedfs-s3:8333"}}},
+     'cluster.s3.endpoint: expected an http:// or https:// URL, got "seaweedfs-s3:8333"'),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "redis": {"url": "redis://redis:6379/0"},
+                  "podAntiAffinity": "always"}}, "cluster.podAntiAffinity: expected soft, hard or none, got always"),
+    ({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE, "redis": {"url": "redis://redis:6379/0"},
+                  "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 0}}},
+     "cluster.rollingUpdate: maxUnavailable and maxSurge cannot both be 0"),
+    ({"cluster": {"storage": CLUSTER_STORAGE}}, "cluster.storage: only used with cluster.enabled: true"),
+    ({"config": {"storage": CLUSTER_STORAGE}}, "config.storage: the chart sets this from cluster.storage"),
+    ({"config": {"redis": "redis://redis:6379/0"}}, "config.redis: the chart sets this from cluster.redis"),
+    ({"config": {"s3": {"secret_access_key": "s"}}},
+     "config.s3.secret_access_key: S3 keys never go into the ConfigMap"),
+])
+def test_bad_cluster_values_fail_naming_the_value_to_fix(helm: Renderer, values: ValuesFile, data: dict[str, Any],
+                                                         message: str) -> None:
+    assert message in helm.error(values(data))
+
+
+def test_a_bad_redis_url_is_refused_without_repeating_its_password(helm: Renderer, values: ValuesFile) -> None:
+    error = helm.error(values({"cluster": {"enabled": True, "storage": CLUSTER_STORAGE,
+                                           "redis": {"url": "http://:redis-pw@redis:6379"}}}))
+    assert "cluster.redis.url: expected" in error and "redis-pw" not in error
+
+
+def test_chart_readme_documents_every_cluster_value() -> None:
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(data: dict[str, Any], prefix: str) -> list[str]:
+        return [path for key, value in data.items() for path in
+                (leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+    cluster_values = yaml.safe_load((CHART / "values.yaml").read_text())["cluster"]
+    assert cluster_values["enabled"] is False, "the StatefulSet stays the default"
+    for path in leaves(cluster_values, "cluster."):
+        assert f"`{path}`" in readme, f"the chart's README does not mention {path}"

@@ -21,7 +21,7 @@ from mirror.config import Config, UpstreamConfig
 from mirror.errors import MirrorError
 from mirror.oci import MAX_NAME_LENGTH, Digest, Reference, parse_name, parse_tag
 from mirror.routing import Endpoint, Router
-from mirror.storage import BlobStore
+from mirror.storage import DiskStore
 from tests.conftest import Counting, Mirror, MirrorFactory, Registry
 from tests.support.pulls import exchange
 from tests.support.served import Served
@@ -246,7 +246,7 @@ def test_references_and_digests_parse_or_refuse(value: str, tmp_path_factory: py
         assert error.status == 400
     else:
         root = Path("/cache-root")
-        path = BlobStore(root).path(digest)
+        path = DiskStore(root).path(digest)
         assert path.resolve().is_relative_to(root / "blobs") and digest.hex in path.name
 
 

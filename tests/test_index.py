@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from mirror.index import Index, TagRecord, cached_images
+from mirror.index import SqliteIndex, TagRecord, cached_images
 from mirror.oci import Digest
 from tests.conftest import Counting, Mirror, MirrorFactory, Registry
 from tests.support.images import PushedImage
@@ -104,7 +104,9 @@ async def test_startup_reconciles_the_index_with_the_files(
     unrecorded, vanished = list(image.blobs)[:2]
     with sqlite3.connect(cache / "index.db") as db:
         db.execute("DELETE FROM blobs WHERE digest = ?", (unrecorded,))
-    mirror.services.store.path(Digest.parse(vanished)).unlink()
+    vanishing = mirror.services.store.local_path(Digest.parse(vanished))
+    assert vanishing is not None
+    vanishing.unlink()
 
     restarted = await make_mirror({"docker.io": counting.url}, cache_dir=cache)
     files = 1 + len(image.blobs) - 1  # the manifest and the blobs, less the one that vanished
@@ -118,7 +120,7 @@ async def test_startup_reconciles_the_index_with_the_files(
 
 
 async def test_a_tag_read_that_races_its_removal_is_not_remembered(tmp_path: Path) -> None:
-    index = Index(tmp_path / "index.db")
+    index = SqliteIndex(tmp_path / "index.db")
     await index.open()
     try:
         digest = Digest.of(b"manifest")

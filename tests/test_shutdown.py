@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from mirror.index import INDEX_FILE
-from mirror.storage import BlobWriter
+from mirror.spool import BlobWriter
+from mirror.storage import _Rename
 from tests.conftest import MirrorFactory
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.pulls import NAME, TIMEOUT, pull_blob
@@ -61,14 +62,14 @@ async def test_a_blob_published_while_downloads_are_stopped_is_indexed(
     loop = asyncio.get_running_loop()
     publishing = asyncio.Event()
     release = threading.Event()
-    publish = BlobWriter._publish
+    publish = _Rename._publish
 
-    def held(writer: BlobWriter) -> None:
+    def held(self: _Rename, writer: BlobWriter) -> None:
         """The publishing thread (fsync, rename), held until the stop has begun."""
         loop.call_soon_threadsafe(publishing.set)
         assert release.wait(TIMEOUT)
-        publish(writer)
-    monkeypatch.setattr(BlobWriter, "_publish", held)
+        publish(self, writer)
+    monkeypatch.setattr(_Rename, "_publish", held)
 
     # A reader has the whole blob once it is verified, before it is published.
     assert (await pull_blob(client, mirror, NAME, digest)).body == data

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mirror import storage
+from mirror import spool
 from mirror.errors import IntegrityError
 from mirror.oci import Digest
-from mirror.storage import BlobStore, Extent
+from mirror.spool import Extent
+from mirror.storage import DiskStore
 
 
 def _digest(data: bytes) -> Digest:
@@ -21,16 +22,16 @@ def _digest(data: bytes) -> Digest:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> BlobStore:
-    opened = BlobStore(tmp_path / "cache")
-    opened.open()
+async def store(tmp_path: Path) -> DiskStore:
+    opened = DiskStore(tmp_path / "cache")
+    await opened.open()
     return opened
 
 
 @pytest.fixture
 def small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps of 4 KiB, so that a blob of a few hundred KiB takes many copy-while-hash rounds."""
-    monkeypatch.setattr(storage, "COPY_STEP", 4096)
+    monkeypatch.setattr(spool, "COPY_STEP", 4096)
 
 
 def _volume(tmp_path: Path, name: str, before: bytes, blob: bytes, after: bytes) -> Path:
@@ -40,7 +41,7 @@ def _volume(tmp_path: Path, name: str, before: bytes, blob: bytes, after: bytes)
 
 
 @pytest.mark.usefixtures("small_steps")
-async def test_a_blob_split_over_two_files_is_stored_whole(tmp_path: Path, store: BlobStore) -> None:
+async def test_a_blob_split_over_two_files_is_stored_whole(tmp_path: Path, store: DiskStore) -> None:
     blob = os.urandom(300_000)
     first = _volume(tmp_path, "a.tar", b"h" * 512, blob[:123_457], b"t" * 100)
     second = _volume(tmp_path, "b.tar", b"x" * 1024, blob[123_457:], b"")
@@ -52,28 +53,28 @@ async def test_a_blob_split_over_two_files_is_stored_whole(tmp_path: Path, store
 
 
 @pytest.mark.usefixtures("small_steps")
-async def test_bytes_that_do_not_match_the_digest_are_not_published(tmp_path: Path, store: BlobStore) -> None:
+async def test_bytes_that_do_not_match_the_digest_are_not_published(tmp_path: Path, store: DiskStore) -> None:
     blob = os.urandom(50_000)
     source = _volume(tmp_path, "a.tar", b"", blob, b"")
     claimed = _digest(blob[:-1] + bytes([blob[-1] ^ 1]))
     with open(source, "rb") as a, pytest.raises(IntegrityError):
         await store.put_extents(claimed, [Extent(a.fileno(), 0, len(blob))])
-    assert store.size(claimed) is None
+    assert await store.size(claimed) is None
     assert list((store.root / "tmp").iterdir()) == []
 
 
-async def test_a_source_shorter_than_it_claims_is_not_published(tmp_path: Path, store: BlobStore) -> None:
+async def test_a_source_shorter_than_it_claims_is_not_published(tmp_path: Path, store: DiskStore) -> None:
     blob = os.urandom(50_000)
     source = _volume(tmp_path, "a.tar", b"", blob[:40_000], b"")
     with open(source, "rb") as a, pytest.raises(IntegrityError, match="ended before"):
         await store.put_extents(_digest(blob), [Extent(a.fileno(), 0, len(blob))])
-    assert store.size(_digest(blob)) is None
+    assert await store.size(_digest(blob)) is None
     assert list((store.root / "tmp").iterdir()) == []
 
 
 @pytest.mark.usefixtures("small_steps")
 async def test_without_a_kernel_copy_the_bytes_are_copied_by_hand(
-        tmp_path: Path, store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> None:
     def refused(*args: object) -> int:
         raise OSError(errno.EXDEV, "cross-device copy")
     monkeypatch.setattr(os, "copy_file_range", refused)

@@ -202,7 +202,7 @@ async def test_a_manifest_that_is_not_a_manifest_is_refused_and_not_cached(
         refused = await pull_manifest(client, mirror, NAME, "latest")
         assert (refused.status, refused.error_code()) == (502, "MANIFEST_INVALID")
     assert fake.requests[("GET", path)] == 2, "nothing was cached: each request asked again"
-    assert mirror.services.store.size(Digest.of(body)) is None
+    assert await mirror.services.store.size(Digest.of(body)) is None
     served = await pull_manifest(client, mirror, NAME, "latest")
     assert (served.status, served.body, served.headers[CACHE]) == (200, image.manifest, "MISS")
 
