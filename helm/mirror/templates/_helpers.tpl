@@ -149,10 +149,14 @@ of 127.0.0.1:5001), which become "-".
 
 {{/*
 The mirror's max_size: config.max_size, else persistence.maxSizePercent of the cache volume, so
-the cache never fills it; empty for an emptyDir without a size limit.
+the cache never fills it; empty for an emptyDir without a size limit. In cluster mode the cache
+is the bucket, which has no size to take a share of: config.max_size only.
 */}}
 {{- define "mirror.maxSize" -}}
 {{- $volume := ternary .Values.persistence.size .Values.persistence.emptyDir.sizeLimit .Values.persistence.enabled }}
+{{- if .Values.cluster.enabled }}
+{{- $volume = "" }}
+{{- end }}
 {{- if kindIs "float64" .Values.config.max_size }}
 {{- printf "%.0f" .Values.config.max_size }}
 {{- else if .Values.config.max_size }}
@@ -222,6 +226,7 @@ so responses under way can finish.
 {{- end }}
 {{- end }}
 {{- include "mirror.checkAuthAndTls" . }}
+{{- include "mirror.checkCluster" . }}
 {{- if not .Values.upstreams }}
 {{- fail "upstreams: give at least one registry to mirror" }}
 {{- end -}}
@@ -229,6 +234,11 @@ so responses under way can finish.
 listen: "0.0.0.0:5000"
 metrics_listen: "0.0.0.0:9090"
 cache_dir: /var/cache/mirror
+{{- if .Values.cluster.enabled }}
+# Cluster mode: cache_dir is only the spool of downloads under way. The shared storage, Redis and
+# the address other replicas reach this pod at come from the environment: MIRROR_STORAGE,
+# MIRROR_REDIS and MIRROR_ADVERTISE (and the bucket's endpoint and keys from AWS_*).
+{{- end }}
 {{- with include "mirror.maxSize" . }}
 max_size: {{ . }}
 {{- if not $.Values.config.max_size }}  # {{ $.Values.persistence.maxSizePercent }}% of the cache volume, for headroom
