@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiohttp
 import redis.asyncio as redis
@@ -37,6 +37,7 @@ from mirror.oci import Digest
 from mirror.upstream import BlobSink, Source
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOKEN_HEADER = "X-Mirror-Cluster-Token"
 SIZE_HEADER = "X-Mirror-Blob-Size"
@@ -179,6 +180,14 @@ class Cluster:
             return await self._take(key)
         return None, _text(current).split(" ", 1)[0]
 
+    async def working(self, name: str) -> bool:
+        """Whether some replica holds the lease for `name` (Redis out of reach: no)."""
+        try:
+            return bool(await self._redis.exists(f"{self._prefix}lease:{name}"))
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+            return False
+
     @asynccontextmanager
     async def exclusive(self, name: str) -> AsyncIterator[bool]:
         """Whether this replica may do `name` alone (True) while the block runs, or another one is
@@ -270,6 +279,21 @@ class FollowingSink(BlobSink, Protocol):
 
     def lead(self) -> None: ...
     def follow(self) -> None: ...
+
+
+async def poll(check: Callable[[], Awaitable[T | None]], working: Callable[[], Awaitable[bool]],
+               timeout: float) -> T | None:
+    """What `check` finds once it finds something (another replica's work landing in the shared
+    cache), looking more and more rarely; None once that replica is no longer `working` and it
+    is still not there, or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while (found := await check()) is None:
+        if time.monotonic() + pause > deadline or not await working():
+            return await check()
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25)
+    return found
 
 
 def _text(value: bytes | str | None) -> str:

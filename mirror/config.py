@@ -173,6 +173,10 @@ class S3Config:
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: str | None = field(default=None, repr=False)
+    presign: bool = False
+    """Answer a hit with a 307 to a presigned URL of the object, for clients that can reach the
+    bucket themselves: the bytes then bypass the mirror."""
+    presign_ttl: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,13 +676,17 @@ def _s3(root: _Section) -> S3Config:
     if (data := root.data.get("s3")) is None:
         return S3Config()
     section = _Section(data, "s3")
-    section.check_keys({"endpoint", "region", "access_key_id", "secret_access_key"})
+    section.check_keys({"endpoint", "region", "access_key_id", "secret_access_key", "presign", "presign_ttl"})
     endpoint: str | None = section.get("endpoint", str)
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"s3.endpoint: expected an http:// or https:// URL, got {endpoint!r}")
     config = S3Config(endpoint=endpoint, region=section.get("region", str),
                       access_key_id=section.get("access_key_id", str),
-                      secret_access_key=section.get("secret_access_key", str))
+                      secret_access_key=section.get("secret_access_key", str),
+                      presign=section.get("presign", bool, False),
+                      presign_ttl=parse_duration(section.data.get("presign_ttl", 300.0), section.at("presign_ttl")))
+    if not 1 <= config.presign_ttl <= 7 * 24 * 3600:
+        raise ConfigError("s3.presign_ttl: must be between 1s and 7 days (S3's limit for presigned URLs)")
     if (config.access_key_id is None) != (config.secret_access_key is None):
         raise ConfigError("s3: access_key_id and secret_access_key go together")
     return config

@@ -143,6 +143,10 @@ class RegistryHandlers:
                            ) -> web.StreamResponse:
         proxy = request.app[PROXY]
         headers = {**headers, CACHE_HEADER: CacheResult.HIT.value}
+        if blob.redirect is not None:
+            # The client fetches it from the bucket itself (a Range goes with it there).
+            proxy.done_reading(blob)
+            return web.Response(status=307, headers={**headers, "Location": blob.redirect})
         try:
             window = self._range(request, blob.size)
         except RangeInvalid:

@@ -33,7 +33,7 @@ from typing import BinaryIO
 
 from cachetools import LRUCache, TTLCache
 
-from mirror.cluster import Cluster
+from mirror.cluster import Cluster, poll
 from mirror.errors import (
     BlobUnknown,
     CacheWriteError,
@@ -65,6 +65,8 @@ _STALE_IF = (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, Cach
 _REMEMBERED = 65536
 # Tries to catch a blob that keeps finishing downloading between two looks.
 _ROUNDS = 3
+# How long a replica waits for the manifest another replica is fetching, before fetching it too.
+MANIFEST_WAIT = 10.0
 
 
 class CacheResult(Enum):
@@ -93,6 +95,8 @@ class CachedBlob:
     digest: Digest
     path: Path | None
     """A local file to send with sendfile; None where the store streams it (`Proxy.chunks`)."""
+    redirect: str | None = None
+    """Where the client may fetch it itself (a presigned bucket URL), if the store says so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,33 @@ class Proxy:
 
     async def _revalidate(self, upstream: Source, name: str, reference: Reference,
                           cached: ManifestResult) -> ManifestResult:
+        """Ask the upstream whether the tag moved; with replicas, one of them asks for all, and
+        the others take its answer from the shared index."""
+        assert reference.tag is not None
+        if self._cluster is None:
+            return await self._check_tag(upstream, name, reference, cached)
+        cluster, tag = self._cluster, reference.tag
+        before = await self._index.tag(upstream.name, name, tag)
+        lease = f"revalidate:{upstream.name}/{name}:{tag}"
+        async with cluster.exclusive(lease) as held:
+            if held:
+                return await self._check_tag(upstream, name, reference, cached)
+        answered = await poll(lambda: self._peer_tag(upstream, name, tag, before), lambda: cluster.working(lease),
+                              self._revalidate_timeout)
+        if answered is not None:
+            return replace(answered, cache=CacheResult.REVALIDATED)
+        return await self._check_tag(upstream, name, reference, cached)
+
+    async def _peer_tag(self, upstream: Source, name: str, tag: str, before: TagRecord | None
+                        ) -> ManifestResult | None:
+        """The tag as another replica recorded it after `before`, if it has."""
+        record = await self._index.tag(upstream.name, name, tag)
+        if record is None or (before is not None and record.checked_at <= before.checked_at):
+            return None
+        return await self._cached_manifest(record.digest)
+
+    async def _check_tag(self, upstream: Source, name: str, reference: Reference,
+                         cached: ManifestResult) -> ManifestResult:
         assert reference.tag is not None
         key = (upstream.name, name, reference.tag)
         try:
@@ -244,6 +275,27 @@ class Proxy:
 
     async def _download_manifest(self, upstream: Source, name: str, reference: Reference, accept: str,
                                  tag_it: bool) -> ManifestResult:
+        """With replicas, one of them fetches a manifest for all (a short lease); the others take
+        it from the shared cache once it is there, or fetch it themselves if it does not come."""
+        if self._cluster is None or (reference.digest is None and not tag_it):
+            return await self._get_manifest(upstream, name, reference, accept, tag_it)
+        cluster, lease = self._cluster, f"manifest:{upstream.name}/{name}:{reference}"
+        before = await self._index.tag(upstream.name, name, reference.tag) if reference.tag is not None else None
+        async with cluster.exclusive(lease) as held:
+            if held:
+                return await self._get_manifest(upstream, name, reference, accept, tag_it)
+        if reference.digest is not None:
+            digest = reference.digest
+            fetched = await poll(lambda: self._cached_manifest(digest), lambda: cluster.working(lease), MANIFEST_WAIT)
+        else:
+            fetched = await poll(lambda: self._peer_tag(upstream, name, str(reference), before),
+                                 lambda: cluster.working(lease), MANIFEST_WAIT)
+        if fetched is not None and accepts(accept, fetched.media_type):
+            return replace(fetched, cache=CacheResult.JOINED)
+        return await self._get_manifest(upstream, name, reference, accept, tag_it)
+
+    async def _get_manifest(self, upstream: Source, name: str, reference: Reference, accept: str,
+                            tag_it: bool) -> ManifestResult:
         try:
             fetched = await upstream.get_manifest(name, str(reference), accept)
         except (ManifestUnknown, NameUnknown) as exc:
@@ -299,7 +351,7 @@ class Proxy:
                 if size is not None:
                     self._index.touch(digest)
                     self._evictor.reading(digest)  # until `done_reading`: eviction leaves it alone
-                    return CachedBlob(size, digest, self._store.local_path(digest))
+                    return CachedBlob(size, digest, self._store.local_path(digest), await self._store.redirect(digest))
                 if (fill := self.fills.active(digest)) is not None:
                     try:
                         await fill.started()

@@ -114,7 +114,7 @@ class S3Store:
         settings = self._settings
         config = AioConfig(
             # Path-style addressing works with every S3-compatible store; virtual hosts need DNS.
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path"}, signature_version="s3v4",
             retries={"max_attempts": 3, "mode": "standard"},
             max_pool_connections=64, connect_timeout=10, read_timeout=60,
             # The mirror verifies sha256 itself; extra checksums are work some stores refuse.
@@ -182,6 +182,13 @@ class S3Store:
 
     def local_path(self, digest: Digest) -> Path | None:
         return None
+
+    async def redirect(self, digest: Digest) -> str | None:
+        if not self._settings.presign:
+            return None
+        return await self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.location.bucket, "Key": self.key(digest)},
+            ExpiresIn=int(self._settings.presign_ttl))
 
     async def chunks(self, digest: Digest, start: int, end: int) -> AsyncGenerator[bytes, None]:
         if start >= end:

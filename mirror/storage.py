@@ -57,6 +57,10 @@ class BlobStore(Protocol):
         """The blob as a local file, to send with sendfile, where the store keeps blobs on this
         machine's disk; None where it does not (then `chunks` streams it)."""
 
+    async def redirect(self, digest: Digest) -> str | None:
+        """A URL the client may fetch a stored blob from itself (a presigned object URL), where
+        the store is set to hand them out; None to have the mirror send it."""
+
     def chunks(self, digest: Digest, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of a stored blob. Raises FileNotFoundError if it is not stored."""
 
@@ -142,6 +146,9 @@ class DiskStore:
 
     def local_path(self, digest: Digest) -> Path | None:
         return self.path(digest)
+
+    async def redirect(self, digest: Digest) -> str | None:
+        return None
 
     async def chunks(self, digest: Digest, start: int, end: int) -> AsyncGenerator[bytes, None]:
         with open(self.path(digest), "rb", buffering=0) as source:

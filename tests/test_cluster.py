@@ -303,3 +303,59 @@ async def test_operator_commands_work_on_a_cluster_while_it_serves(
     redis_server.stop()
     status, said = mirror_cli("ls", *cluster, cache=spool, env=env)
     assert status == 1 and "unreachable" in said
+
+
+async def test_a_manifest_and_its_revalidation_are_fetched_once_for_the_cluster(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, seaweedfs: SeaweedFS,
+        s3_bucket: str, redis_server: RedisServer) -> None:
+    image = add_image(fake, NAME, "v1", [random.Random("manifest").randbytes(1000)])
+    path = f"/v2/{NAME}/manifests/v1"
+    mirrors = [await make_mirror({"docker.io": fake.url}, storage=S3Location(s3_bucket, "tags"),
+                                 s3=settings(seaweedfs), redis=redis_server.url, tag_ttl=0.0) for _ in range(3)]
+    # Cold: three replicas asked at once, while the upstream takes its time to answer the first.
+    release = fake.held[path] = asyncio.Event()
+    pulls = [asyncio.ensure_future(fetch(client, manifest_url(m, NAME, "v1"), headers={"Accept": ACCEPT}))
+             for m in mirrors]
+    async with asyncio.timeout(TIMEOUT):
+        while fake.count("GET", "manifests") == 0:
+            await asyncio.sleep(0.01)
+    release.set()
+    answers = await asyncio.gather(*pulls)
+    assert [(a.status, a.body) for a in answers] == [(200, image.manifest)] * 3
+    assert sorted(a.headers["X-Mirror-Cache"] for a in answers) == ["JOINED", "JOINED", "MISS"]
+    assert fake.count("GET", "manifests") == 1 and fake.count("HEAD", "manifests") == 0
+
+    # Past its TTL (0 s): every replica serves the cached tag at once, and one of them asks the
+    # upstream whether it moved, for all three.
+    release = fake.held[path] = asyncio.Event()
+    stale = [asyncio.ensure_future(fetch(client, manifest_url(m, NAME, "v1"), headers={"Accept": ACCEPT}))
+             for m in mirrors]
+    answers = await asyncio.gather(*stale)
+    assert {(a.status, a.headers["X-Mirror-Cache"], a.body) for a in answers} == {
+        (200, "REVALIDATING", image.manifest)}
+    release.set()
+    for mirror in mirrors:
+        await mirror.services.background.join()
+    assert fake.count("HEAD", "manifests") == 1 and fake.count("GET", "manifests") == 1
+
+
+async def test_a_replica_cut_off_from_the_leader_still_serves_right_bytes_once_it_is_published(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, seaweedfs: SeaweedFS,
+        s3_bucket: str, redis_server: RedisServer) -> None:
+    """A network split: the follower cannot reach the replica that leads. It waits for the blob to
+    land in the bucket and serves it from there; nobody gets wrong bytes, the upstream is asked once."""
+    data = random.Random("split").randbytes(8 * MiB)
+    digest = fake.add_blob(data)
+    release = asyncio.Event()
+    fake.gates[digest] = (4 * MiB, release)
+    leader, follower = await replicas(make_mirror, 2, fake.url, s3_bucket, seaweedfs, redis_server.url)
+    assert leader.services.cluster is not None
+    leader.services.cluster.advertise = "http://127.0.0.1:9"  # nothing answers there: the split
+    first = Client(client, blob_url(leader, NAME, digest), data)
+    async with asyncio.timeout(TIMEOUT):
+        await first.first_byte.wait()
+    cut_off = Client(client, blob_url(follower, NAME, digest), data)
+    release.set()
+    assert await first.task == "verified"
+    assert await cut_off.task == "verified"
+    assert fake.count("GET", "blobs") == 1

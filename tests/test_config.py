@@ -90,6 +90,7 @@ def test_example_cluster_block_loads_when_uncommented(tmp_path: Path) -> None:
     ({"storage": "s3://bucket", "s3": {"endpoint": "seaweedfs:8333"}}, "s3.endpoint: expected an http"),
     ({"storage": "s3://bucket", "s3": {"access_key_id": "a"}}, "go together"),
     ({"advertise": "10.0.0.7:5000"}, "expected the URL other replicas reach"),
+    ({"storage": "s3://bucket", "s3": {"presign": True, "presign_ttl": "30d"}}, "s3.presign_ttl: must be between"),
 ])
 def test_bad_cluster_settings_are_refused_naming_the_key(tmp_path: Path, settings: dict[str, object],
                                                           message: str) -> None:

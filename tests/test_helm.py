@@ -828,6 +828,7 @@ def test_cluster_pods_find_the_bucket_redis_and_each_other_in_their_environment(
     # budget of the shared cache (config.max_size: a bucket has no size to take a share of).
     config = load_rendered_config(cluster, tmp_path, environ=environment)
     assert config.storage == S3Location("mirror-cache", "k8s")
+    assert (config.redis, config.advertise) == (CLUSTER_REDIS, f"http://{POD_IP}:5000")
     assert str(config.cache_dir) == "/var/cache/mirror"
     assert config.eviction.max_size == 500 * GIB
 

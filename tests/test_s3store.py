@@ -3,6 +3,7 @@ served back with Range, and shared by mirrors that share the bucket."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import AsyncIterator
@@ -186,3 +187,26 @@ def registry_with_image(registry: Registry) -> tuple[str, bytes, str]:
     layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
     assert layer_digest in image.blobs
     return image.name, layer, layer_digest
+
+
+async def test_hits_can_be_redirected_to_the_bucket(
+        registry_with_image: tuple[str, bytes, str], counting: Counting, make_mirror: MirrorFactory,
+        client: aiohttp.ClientSession, seaweedfs: SeaweedFS, s3_bucket: str) -> None:
+    """With presign on, a hit is a 307 to a short-lived URL of the object: clients that can reach
+    the bucket fetch the bytes there (a Range too), and a miss still streams through the mirror."""
+    name, layer, layer_digest = registry_with_image
+    presigned = dataclasses.replace(settings(seaweedfs), presign=True, presign_ttl=60.0)
+    mirror = await make_mirror({"docker.io": counting.url}, storage=S3Location(s3_bucket, "direct"), s3=presigned)
+    miss = await pull_blob(client, mirror, name, layer_digest)
+    assert (miss.status, miss.headers[CACHE], miss.body) == (200, "MISS", layer)
+    await mirror.services.background.join()
+    url = f"{mirror.url}/v2/{name}/blobs/{layer_digest}"
+    redirected = await fetch(client, url)
+    assert redirected.body == layer, "followed to the bucket"
+    async with client.get(url, allow_redirects=False) as response:
+        assert response.status == 307 and response.headers["X-Mirror-Cache"] == "HIT"
+        location = response.headers["Location"]
+    assert location.startswith(f"{seaweedfs.endpoint}/{s3_bucket}/direct/blobs/sha256/")
+    assert "X-Amz-Expires=60" in location, "signed (SigV4) for a minute"
+    ranged = await fetch(client, url, headers={"Range": "bytes=10-19"})
+    assert (ranged.status, ranged.body) == (206, layer[10:20])
