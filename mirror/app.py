@@ -70,6 +70,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
             metrics.downloads_in_flight.set_function(lambda: len(services.proxy.fills))
             metrics.cache_size.set_function(lambda: services.evictor.usage)
             metrics.cache_blobs.set_function(lambda: services.evictor.blobs)
+            if services.cluster is not None:
+                metrics.cluster_coordination.set_function(lambda: float(services.coordination_problem() is None))
             if config.eviction.max_size is not None:
                 metrics.cache_max_size.set(config.eviction.max_size)
             yield
@@ -117,8 +119,8 @@ async def _readiness(app: web.Application) -> tuple[dict[str, str], dict[str, st
             f"the index does not answer: {exc.message}"
     if services.index_problem is not None:
         problems["index"] = services.index_problem
-    if services.cluster is not None and services.cluster.problem is not None:
-        degraded["cluster"] = services.cluster.problem
+    if (alone := services.coordination_problem()) is not None:
+        degraded["cluster"] = alone
     return problems, degraded
 
 

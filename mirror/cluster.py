@@ -33,6 +33,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from mirror.errors import Denied
+from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.upstream import BlobSink, Source
 
@@ -82,8 +83,9 @@ class Lease:
 class Cluster:
     """This replica's view of the others: leases in Redis, and streams from their fills."""
 
-    def __init__(self, url: str, advertise: str, prefix: str = "mirror:") -> None:
+    def __init__(self, url: str, advertise: str, metrics: Metrics, prefix: str = "mirror:") -> None:
         self.advertise = advertise.rstrip("/")
+        self._peer_bytes = metrics.peer_bytes
         # One quick retry: the first command on a pooled connection after a Redis restart fails.
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=_REDIS_TIMEOUT, socket_timeout=_REDIS_TIMEOUT,
                                            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
@@ -136,11 +138,14 @@ class Cluster:
 
     async def _listen(self, rate_limited: Callable[[str, float, str], None]) -> None:
         """Hear the other replicas' rate limits, for as long as this one runs; Redis going away
-        and coming back is waited out."""
+        is waited out, and its coming back noticed here first."""
         while True:
             try:
                 async with self._redis.pubsub() as channel:
                     await channel.subscribe(f"{self._prefix}ratelimits")
+                    if self.problem is not None:
+                        log.warning("Redis answers again: downloading with the other replicas")
+                    self.problem = None
                     async for message in channel.listen():
                         if message.get("type") == "message":
                             self._heard(_text(message.get("data")), rate_limited)
@@ -267,6 +272,7 @@ class Cluster:
                     announced = response.headers.get(SIZE_HEADER)
                     sink.begin(int(announced) if announced and announced.isdigit() else None)
                 async for chunk in response.content.iter_any():
+                    self._peer_bytes.inc(len(chunk))
                     await sink.write(chunk)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise PeerGone(type(exc).__name__) from exc

@@ -77,6 +77,11 @@ class Metrics:
                                  registry=registry)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted, for size or for age.", ["reason"],
                                      registry=registry)
+        self.cluster_coordination = Gauge("mirror_cluster_coordination", "With replicas (redis set): 1 while "
+                                          "Redis answers, 0 while each replica works alone (downloads, tags, "
+                                          "rate limits).", registry=registry)
+        self.peer_bytes = Counter("mirror_cluster_peer_bytes", "Bytes streamed from another replica's download "
+                                  "instead of the upstream.", registry=registry)
 
         # Zero series from the start, so rates and ratios exist before the first event.
         for kind in KINDS:

@@ -76,6 +76,13 @@ class Services:
     """Set on SIGTERM: readiness fails so load balancers stop sending new pulls."""
     index_problem: str | None = None
     """Why the index is a temporary one in memory, if it is."""
+    shared_index: RedisIndex | None = None
+
+    def coordination_problem(self) -> str | None:
+        """Why this replica works without the others right now (Redis out of reach), if it does."""
+        if self.cluster is None:
+            return None
+        return self.cluster.problem or (self.shared_index.problem if self.shared_index is not None else None)
 
 
 @asynccontextmanager
@@ -117,7 +124,7 @@ async def open_services(config: Config, metrics: Metrics,
         for u in config.upstreams}
     cluster = None
     if config.redis is not None:
-        cluster = await _join(config, upstreams)
+        cluster = await _join(config, upstreams, metrics)
     if cluster is not None:
         evictor.exclusive = cluster.exclusive
     periodic.append(loop.create_task(_flush_access(index, evictor if cluster is not None else None),
@@ -125,7 +132,8 @@ async def open_services(config: Config, metrics: Metrics,
     proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
                   clock=clock, cluster=cluster)
     try:
-        yield Services(config, store, index, background, proxy, evictor, cluster=cluster, index_problem=index_problem)
+        yield Services(config, store, index, background, proxy, evictor, cluster=cluster, index_problem=index_problem,
+                       shared_index=index if isinstance(index, RedisIndex) else None)
     finally:
         for task in periodic:
             task.cancel()
@@ -140,11 +148,11 @@ async def open_services(config: Config, metrics: Metrics,
         store.spool.unlock()
 
 
-async def _join(config: Config, upstreams: dict[str, Source]) -> Cluster:
+async def _join(config: Config, upstreams: dict[str, Source], metrics: Metrics) -> Cluster:
     """The cluster of replicas on `config.redis`, sharing the upstreams' rate limits."""
     assert config.redis is not None
     cluster = Cluster(config.redis, config.advertise or default_advertise(config.host, config.port,
-                                                                           config.tls is not None))
+                                                                           config.tls is not None), metrics)
     breakers = {name: u.breaker for name, u in upstreams.items() if isinstance(u, Upstream)}
     for name, breaker in breakers.items():
         breaker.on_rate_limited = functools.partial(cluster.announce_rate_limit, name)
@@ -317,7 +325,7 @@ async def _evict_cluster(config: Config) -> tuple[int, int, list[Evicted]]:
     store = build_store(config)
     await store.open()
     index = RedisIndex(config.redis)
-    cluster = Cluster(config.redis, advertise="mirror gc")
+    cluster = Cluster(config.redis, "mirror gc", Metrics())
     try:
         await index.open()
         await index.ping()

@@ -83,6 +83,8 @@ async def test_thirty_clients_on_three_replicas_cost_one_upstream_download(
     outcomes = await asyncio.gather(*(c.task for c in clients))
     assert outcomes == ["verified"] * 30
     assert fake.count("GET", "blobs") == 1, "one upstream download for the whole cluster"
+    streamed = [peer_bytes((await fetch(client, f"{m.url}/metrics")).body.decode()) for m in mirrors]
+    assert sorted(streamed) == [0, len(data), len(data)], "the two followers streamed it from the leader"
     for mirror in mirrors:
         await mirror.services.background.join()
     # Published once, by the leader; every replica now serves it from the bucket.
@@ -104,6 +106,14 @@ async def test_a_replica_without_redis_still_serves_and_says_so(
     ready = await fetch(client, f"{mirror.url}/readyz")
     assert ready.status == 200
     assert "Redis is out of reach" in json.loads(ready.body)["degraded"]["cluster"]
+    assert "mirror_cluster_coordination 0.0" in (await fetch(client, f"{mirror.url}/metrics")).body.decode()
+    redis_server.start()
+    async with asyncio.timeout(TIMEOUT):
+        while "mirror_cluster_coordination 1.0" not in (await fetch(client, f"{mirror.url}/metrics")).body.decode():
+            again = await fetch(client, blob_url(mirror, NAME, digest))
+            assert again.status == 200 and again.body == data
+            await asyncio.sleep(0.1)
+    assert "degraded" not in json.loads((await fetch(client, f"{mirror.url}/readyz")).body)
 
 
 async def test_the_internal_endpoint_wants_the_cluster_token(
@@ -249,6 +259,11 @@ async def test_replicas_keep_the_shared_cache_under_its_cap_evicting_once(
     assert evicted == 12 * MiB - used, "what went was counted once: one replica evicted it"
     # The least recently used went first: the newest layer is still there.
     assert (await fetch(client, blob_url(mirrors[0], NAME, digests[-1]))).headers["X-Mirror-Cache"] == "HIT"
+
+
+def peer_bytes(metrics: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("mirror_cluster_peer_bytes_total "))
 
 
 def evicted_bytes(metrics: str) -> float:
