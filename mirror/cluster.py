@@ -106,13 +106,16 @@ class Cluster:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60), auto_decompress=False)
         self._listening = asyncio.ensure_future(self._listen(rate_limited))
         try:
-            await self._redis.set(f"{self._prefix}cluster-token", secrets.token_hex(32), nx=True)
-            self.token = _text(await self._redis.get(f"{self._prefix}cluster-token"))
-            async for key in self._redis.scan_iter(match=f"{self._prefix}ratelimit:*"):
-                self._heard(_text(await self._redis.get(key)), rate_limited)
-            self.problem = None
+            await self._join(rate_limited)
         except (RedisError, OSError) as exc:
             self._unreachable(exc)
+
+    async def _join(self, rate_limited: Callable[[str, float, str], None]) -> None:
+        await self._redis.set(f"{self._prefix}cluster-token", secrets.token_hex(32), nx=True)
+        self.token = _text(await self._redis.get(f"{self._prefix}cluster-token"))
+        async for key in self._redis.scan_iter(match=f"{self._prefix}ratelimit:*"):
+            self._heard(_text(await self._redis.get(key)), rate_limited)
+        self.problem = None
 
     async def close(self) -> None:
         self._listening.cancel()
@@ -143,9 +146,12 @@ class Cluster:
             try:
                 async with self._redis.pubsub() as channel:
                     await channel.subscribe(f"{self._prefix}ratelimits")
-                    if self.problem is not None:
-                        log.warning("Redis answers again: downloading with the other replicas")
-                    self.problem = None
+                    if self.problem is not None or not self.token:
+                        # Started without Redis, or lost it: the token and the news missed.
+                        lost = self.problem is not None
+                        await self._join(rate_limited)
+                        if lost:
+                            log.warning("Redis answers again: downloading with the other replicas")
                     async for message in channel.listen():
                         if message.get("type") == "message":
                             self._heard(_text(message.get("data")), rate_limited)

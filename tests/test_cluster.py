@@ -374,3 +374,33 @@ async def test_a_replica_cut_off_from_the_leader_still_serves_right_bytes_once_i
     assert await first.task == "verified"
     assert await cut_off.task == "verified"
     assert fake.count("GET", "blobs") == 1
+
+
+async def test_a_replica_started_without_redis_joins_when_it_comes_back(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, seaweedfs: SeaweedFS,
+        s3_bucket: str, redis_server: RedisServer) -> None:
+    data = random.Random("late").randbytes(4 * MiB)
+    digest = fake.add_blob(data)
+    [early] = await replicas(make_mirror, 1, fake.url, s3_bucket, seaweedfs, redis_server.url)
+    redis_server.stop()
+    [late] = await replicas(make_mirror, 1, fake.url, s3_bucket, seaweedfs, redis_server.url)
+    assert (await fetch(client, blob_url(late, NAME, digest))).body == data, "it serves, alone"
+    redis_server.start()
+    async with asyncio.timeout(TIMEOUT):
+        while "mirror_cluster_coordination 1.0" not in (await fetch(client, f"{late.url}/metrics")).body.decode():
+            await asyncio.sleep(0.1)
+    # Joined: it leads a download the other replica follows.
+    other = random.Random("joined").randbytes(4 * MiB)
+    other_digest = fake.add_blob(other)
+    release = asyncio.Event()
+    fake.gates[other_digest] = (2 * MiB, release)
+    leading = Client(client, blob_url(late, NAME, other_digest), other)
+    async with asyncio.timeout(TIMEOUT):
+        await leading.first_byte.wait()
+    following = Client(client, blob_url(early, NAME, other_digest), other)
+    async with asyncio.timeout(TIMEOUT):
+        await following.first_byte.wait()
+    release.set()
+    assert [await leading.task, await following.task] == ["verified", "verified"]
+    assert fake.count("GET", "blobs") == 2, "one for each blob"
+    assert peer_bytes((await fetch(client, f"{early.url}/metrics")).body.decode()) == len(other)
