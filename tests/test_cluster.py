@@ -40,6 +40,14 @@ async def replicas(make_mirror: MirrorFactory, count: int, upstream: str, bucket
                               redis=redis_url) for _ in range(count)]
 
 
+def aws_settings(monkeypatch: pytest.MonkeyPatch, seaweedfs: SeaweedFS) -> None:
+    """The bucket's endpoint and keys where `mirror serve` processes find them: the AWS settings."""
+    for variable, value in (("AWS_ENDPOINT_URL_S3", seaweedfs.endpoint), ("AWS_REGION", seaweedfs.region),
+                            ("AWS_ACCESS_KEY_ID", seaweedfs.access_key),
+                            ("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)):
+        monkeypatch.setenv(variable, value)
+
+
 class Client:
     """One pull of a blob, recording when its first byte came and whether all were right."""
 
@@ -141,10 +149,7 @@ async def test_a_leader_killed_mid_download_is_taken_over_with_one_more_upstream
         redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three `mirror serve` processes, found through the standard AWS settings; the one that
     leads the download is killed with SIGKILL half-way."""
-    for variable, value in (("AWS_ENDPOINT_URL_S3", seaweedfs.endpoint), ("AWS_REGION", seaweedfs.region),
-                            ("AWS_ACCESS_KEY_ID", seaweedfs.access_key),
-                            ("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)):
-        monkeypatch.setenv(variable, value)
+    aws_settings(monkeypatch, seaweedfs)
     data = random.Random("takeover").randbytes(32 * MiB)
     digest = fake.add_blob(data)
     release = asyncio.Event()
@@ -404,3 +409,33 @@ async def test_a_replica_started_without_redis_joins_when_it_comes_back(
     assert [await leading.task, await following.task] == ["verified", "verified"]
     assert fake.count("GET", "blobs") == 2, "one for each blob"
     assert peer_bytes((await fetch(client, f"{early.url}/metrics")).body.decode()) == len(other)
+
+
+async def test_a_replica_restarted_while_the_others_serve_finds_the_shared_cache(
+        fake: FakeUpstream, client: aiohttp.ClientSession, seaweedfs: SeaweedFS, s3_bucket: str,
+        redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    aws_settings(monkeypatch, seaweedfs)
+    image = add_image(fake, NAME, "v1", [random.Random("restart").randbytes(2 * MiB)])
+    flags = ["--storage", f"s3://{s3_bucket}/cluster", "--redis", redis_server.url,
+             "--upstream", f"docker.io={fake.url}"]
+    first = await Served.start("--cache-dir", tmp_path / "spool0", *flags)
+    second = await Served.start("--cache-dir", tmp_path / "spool1", *flags)
+    try:
+        for digest in (image.config, *image.layers):
+            assert (await fetch(client, f"{first.url}/v2/{NAME}/blobs/{digest}")).status == 200
+        assert (await fetch(client, f"{first.url}/v2/{NAME}/manifests/v1", headers={"Accept": ACCEPT})).status == 200
+        assert await second.terminate() == 0
+        asked = fake.count()
+        # While it is away the other one serves; back, it serves from the bucket and the index.
+        assert (await fetch(client, f"{first.url}/v2/{NAME}/blobs/{image.layers[0]}")).headers[
+            "X-Mirror-Cache"] == "HIT"
+        second = await Served.start("--cache-dir", tmp_path / "spool1", *flags, host=second.host)
+        manifest = await fetch(client, f"{second.url}/v2/{NAME}/manifests/v1", headers={"Accept": ACCEPT})
+        assert (manifest.status, manifest.body) == (200, image.manifest)
+        for digest in (image.config, *image.layers):
+            hit = await fetch(client, f"{second.url}/v2/{NAME}/blobs/{digest}")
+            assert (hit.status, hit.headers["X-Mirror-Cache"], hit.body) == (200, "HIT", fake.blobs[digest])
+        assert fake.count() == asked, "nothing was asked of the upstream again"
+    finally:
+        await first.kill()
+        await second.kill()

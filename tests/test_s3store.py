@@ -11,6 +11,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from mirror.config import S3Config, S3Location
 from mirror.errors import IntegrityError
@@ -210,3 +212,79 @@ async def test_hits_can_be_redirected_to_the_bucket(
     assert "X-Amz-Expires=60" in location, "signed (SigV4) for a minute"
     ranged = await fetch(client, url, headers={"Range": "bytes=10-19"})
     assert (ranged.status, ranged.body) == (206, layer[10:20])
+
+
+@dataclasses.dataclass
+class FailingS3:
+    """A pass-through in front of SeaweedFS that answers 500 to part uploads while `failing`."""
+
+    url: str = ""
+    failing: int = 0
+    refused: int = 0
+
+
+@pytest.fixture
+async def failing_s3(seaweedfs: SeaweedFS) -> AsyncIterator[FailingS3]:
+    state = FailingS3()
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async def forward(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            if request.method == "PUT" and "partNumber" in request.query and state.failing > 0:
+                state.failing -= 1
+                state.refused += 1
+                return web.Response(status=500, body=b"<Error><Code>InternalError</Code></Error>")
+            # The Host header is passed on as it came: it is part of what the client signed.
+            async with session.request(request.method, f"{seaweedfs.endpoint}{request.rel_url}", data=body,
+                                       headers=request.headers, allow_redirects=False) as reply:
+                payload = await reply.read()
+                headers = {k: v for k, v in reply.headers.items()
+                           if k.lower() not in ("transfer-encoding", "content-length", "content-encoding")}
+                return web.Response(status=reply.status, body=payload, headers=headers)
+
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{path:.*}", forward)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        state.url = str(server.make_url("")).rstrip("/")
+        yield state
+        await server.close()
+
+
+async def test_an_object_store_failing_mid_upload_publishes_nothing_and_the_next_pull_works(
+        registry: Registry, counting: Counting, make_mirror: MirrorFactory, client: aiohttp.ClientSession,
+        seaweedfs: SeaweedFS, s3_bucket: str, failing_s3: FailingS3) -> None:
+    layer = random.Random("s3-5xx").randbytes(20 * MiB)
+    image = push_raw_image(registry.url, "s3/faulty", "v1", [layer])
+    layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    assert layer_digest in image.blobs
+    through = dataclasses.replace(settings(seaweedfs), endpoint=failing_s3.url)
+    mirror = await make_mirror({"docker.io": counting.url}, storage=S3Location(s3_bucket, "faulty"), s3=through)
+    failing_s3.failing = 1000
+    # The client may well get the whole blob: its bytes are verified before they are published.
+    # What it never gets is a wrong byte, or a short body that looks whole.
+    outcome = await pull_blob_outcome(client, f"{mirror.url}/v2/{image.name}/blobs/{layer_digest}", layer)
+    assert outcome in ("whole", "cut", "error status"), outcome
+    await mirror.services.background.join()
+    assert failing_s3.refused >= 1
+    assert await objects(seaweedfs, s3_bucket) == {}, "nothing partial is ever visible"
+    assert await pending_uploads(seaweedfs, s3_bucket) == [], "the upload was aborted"
+    failing_s3.failing = 0
+    again = await pull_blob(client, mirror, image.name, layer_digest)
+    assert (again.status, again.body) == (200, layer)
+    await mirror.services.background.join()
+    assert list((await objects(seaweedfs, s3_bucket)).values()) == [layer]
+
+
+async def pull_blob_outcome(client: aiohttp.ClientSession, url: str, expected: bytes) -> str:
+    """How a pull ends: an OCI error, a cut whose bytes up to it are right, or the whole blob."""
+    got = b""
+    try:
+        async with client.get(url) as response:
+            if response.status >= 400:
+                return "error status"
+            async for chunk in response.content.iter_any():
+                got += chunk
+                assert expected.startswith(got), "wrong bytes before the cut"
+    except aiohttp.ClientPayloadError:
+        return "cut"
+    return "whole" if got == expected else f"short ({len(got)} bytes) without a cut"
