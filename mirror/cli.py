@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Run eviction now: content past its upstream's max_age goes, then "
                                          "least recently used content until the cache is under "
                                          "eviction.low_watermark x max_size. A serving "
-                                         "mirror does this by itself, so gc refuses to run beside one.")
+                                         "mirror does this by itself, so gc refuses to run beside one; on a "
+                                         "cluster (--storage and --redis) it runs beside the replicas.")
     gc.add_argument("--max-size", metavar="SIZE", help="the disk budget, e.g. 50GiB (default: from the config)")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     gc.add_argument("--json", action="store_true", help="one JSON object, for scripts")

@@ -310,14 +310,20 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
                 evictor = Evictor(config.eviction, files, index, Background(), Metrics())
                 evictor.usage = (await index.usage())[1]
                 before = evictor.usage
-                evicted = await evictor.expire(_max_ages(config), time.time())
-                if config.eviction.max_size is not None:
-                    evicted += await evictor.evict()
+                evicted = await _collect(config, evictor)
                 return before, evictor.usage, evicted
             finally:
                 await index.close()
     finally:
         store.spool.unlock()
+
+
+async def _collect(config: Config, evictor: Evictor) -> list[Evicted]:
+    """One gc: what is past its upstream's max_age, then down to the budget's low watermark."""
+    evicted = await evictor.expire(_max_ages(config), time.time())
+    if config.eviction.max_size is not None:
+        evicted += await evictor.evict()
+    return evicted
 
 
 async def _evict_cluster(config: Config) -> tuple[int, int, list[Evicted]]:
@@ -336,9 +342,7 @@ async def _evict_cluster(config: Config) -> tuple[int, int, list[Evicted]]:
         async with cluster.exclusive("evict") as held:
             if not held:
                 raise CacheBusy("a replica is evicting from the shared cache right now; try again shortly")
-        evicted = await evictor.expire(_max_ages(config), time.time())
-        if config.eviction.max_size is not None:
-            evicted += await evictor.evict()
+        evicted = await _collect(config, evictor)
         return before, (await index.usage())[1], evicted
     finally:
         await cluster.close()
