@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import BinaryIO
@@ -163,26 +163,7 @@ class RegistryHandlers:
                 response.set_status(206)
                 response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
             response.content_length = end - start
-            try:
-                await response.prepare(request)
-            except ConnectionError:
-                return response
-            request[SENT] = 0
-            try:
-                async with aclosing(proxy.chunks(blob, start, end)) as chunks:
-                    async for data in chunks:
-                        await response.write(data)
-                        request[SENT] += len(data)
-            except ConnectionError:
-                return response
-            except (OSError, MirrorError) as error:
-                # Headers are out: the only honest signal left is a cut connection.
-                log.warning("aborting %s: %s", request.path, error)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
+            return await _send(request, response, proxy.chunks(blob, start, end))
         finally:
             proxy.done_reading(blob)
 
@@ -267,6 +248,22 @@ async def _tail(request: web.Request, response: web.StreamResponse, fill: Fill, 
     if end == start:
         # An empty body is complete with the headers: they must wait for verification.
         await fill.verified()
+
+    async def pieces() -> AsyncGenerator[bytes | tuple[BinaryIO, int, int], None]:
+        async with aclosing(fill.windows(file, start, end)) as windows:
+            async for source, offset, count in windows:
+                if end is None:
+                    # Size unknown: the bytes must go through aiohttp's chunk framing.
+                    yield await asyncio.to_thread(os.pread, source.fileno(), count, offset)
+                else:
+                    yield source, offset, count
+    return await _send(request, response, pieces())
+
+
+async def _send(request: web.Request, response: web.StreamResponse,
+                body: AsyncGenerator[bytes | tuple[BinaryIO, int, int], None]) -> web.StreamResponse:
+    """Send a body as it comes: bytes, or (file, offset, count) windows sent with sendfile. A
+    failure once the headers are out can only be said by cutting the connection."""
     try:
         await response.prepare(request)
     except ConnectionError:
@@ -274,23 +271,22 @@ async def _tail(request: web.Request, response: web.StreamResponse, fill: Fill, 
     loop = asyncio.get_running_loop()
     request[SENT] = 0
     try:
-        async with aclosing(fill.windows(file, start, end)) as windows:
-            async for source, offset, count in windows:
+        async with aclosing(body) as pieces:
+            async for piece in pieces:
                 if request.transport is None:
                     return response
-                if end is None:
-                    # Size unknown: the bytes must go through aiohttp's chunk framing.
-                    await response.write(await asyncio.to_thread(os.pread, source.fileno(), count, offset))
+                if isinstance(piece, bytes):
+                    await response.write(piece)
+                    request[SENT] += len(piece)
                 else:
-                    # Zero-copy from the growing cache file (asyncio falls back to copying
-                    # where the transport cannot sendfile, e.g. TLS).
-                    await loop.sendfile(request.transport, source, offset, count)
-                request[SENT] += count
+                    # Zero-copy from the cache file (asyncio falls back to copying where the
+                    # transport cannot sendfile, e.g. TLS).
+                    await loop.sendfile(request.transport, *piece)
+                    request[SENT] += piece[2]
     except ConnectionError:
         return response
-    except MirrorError as error:
-        # Headers are out: the only honest signal left is a cut connection.
-        log.warning("aborting %s: %s", request.path, error.message)
+    except (OSError, MirrorError) as error:
+        log.warning("aborting %s: %s", request.path, error.message if isinstance(error, MirrorError) else error)
         if request.transport is not None:
             request.transport.close()
         return response
