@@ -22,7 +22,7 @@ from mirror.config import Config
 from mirror.connections import GuardedSite
 from mirror.errors import MirrorError
 from mirror.gate import Gate
-from mirror.handlers import PROXY, ClusterHandlers, RegistryHandlers, errors_middleware
+from mirror.handlers import PROXY, REFERRERS, SIGNATURES, ClusterHandlers, RegistryHandlers, errors_middleware
 from mirror.logs import protect as protect_logs
 from mirror.metrics import Metrics
 from mirror.ops import OpsHandlers
@@ -67,6 +67,9 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         async with open_services(config, metrics, clock) as services:
             app[SERVICES] = services
             app[PROXY] = services.proxy
+            app[REFERRERS] = services.referrers
+            if services.signatures is not None:
+                app[SIGNATURES] = services.signatures
             metrics.downloads_in_flight.set_function(lambda: len(services.proxy.fills))
             metrics.cache_size.set_function(lambda: services.evictor.usage)
             metrics.cache_blobs.set_function(lambda: services.evictor.blobs)

@@ -55,7 +55,17 @@ from mirror.errors import ConfigError, IntegrityError, MirrorError
 from mirror.imagelist import ImageSpec, parse_reference
 from mirror.index import TagRecord
 from mirror.metrics import Metrics
-from mirror.oci import Digest, is_tag, manifest_media_type, manifest_references, parse_tag
+from mirror.oci import (
+    OCI_INDEX,
+    Digest,
+    attachment_subject,
+    is_tag,
+    manifest_media_type,
+    manifest_references,
+    parse_tag,
+    referrer_descriptors,
+    referrers_index,
+)
 from mirror.progress import Reporter
 from mirror.seeding import INDEX_TYPES, CacheFetcher, Seeded, Seeder, reporting, seed_all
 from mirror.services import Services, open_services
@@ -119,7 +129,8 @@ async def export(config: Config, specs: Sequence[ImageSpec], output: Path, volum
     check_output(output, volume_size)
     async with open_services(config, Metrics()) as services:
         with Reporter("fetching", len(specs), quiet) as reporter:
-            seeder = Seeder(CacheFetcher(services.proxy, services.index), reporting(reporter), pin=False)
+            fetcher = CacheFetcher(services.proxy, services.referrers, services.index)
+            seeder = Seeder(fetcher, reporting(reporter), pin=False)
             images, failed = await seed_all(seeder, list(specs), False)
         if failed:
             raise BundleError("; ".join(f"{spec} ({spec.source}): {error.message}" for spec, error in failed))
@@ -184,7 +195,8 @@ def _image_record(config: Config, image: Seeded) -> dict[str, Any]:
     return {"reference": image.reference, "upstream": upstream, "name": name, "tag": tag, "digest": image.digest,
             "media_type": image.media_type, "manifests": image.manifests, "blobs": sorted(image.blobs),
             "platforms_present": image.platforms_present, "platforms_missing": image.platforms_missing,
-            "referrers": image.referrers, "referrer_tags": image.referrer_tags}
+            "referrers": image.referrers, "referrer_tags": image.referrer_tags,
+            "referrer_lists": image.referrer_lists}
 
 
 def _layout_index(manifest: dict[str, Any]) -> bytes:
@@ -534,6 +546,8 @@ class _Image:
     """As the bundle lists them; None for a plain layout, whose manifests are found from the root."""
     reference: str
     referrer_tags: dict[str, str] = field(default_factory=dict)
+    referrer_lists: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    """Subject digest -> its referrers as listed when it was seeded."""
 
 
 async def import_bundle(config: Config, paths: Sequence[Path], name: str | None = None,
@@ -705,12 +719,15 @@ def _bundle_image(config: Config, entry: dict[str, Any]) -> _Image:
         manifests = [str(Digest.parse(str(m))) for m in entry["manifests"]]
         referrer_tags = {parse_tag(str(t)): str(Digest.parse(str(d)))
                          for t, d in (entry.get("referrer_tags") or {}).items()}
+        # Each list as a referrers index would hold it: malformed descriptors are dropped.
+        referrer_lists = {str(Digest.parse(str(subject))): referrer_descriptors(referrers_index(listed))
+                          for subject, listed in (entry.get("referrer_lists") or {}).items()}
     except (ConfigError, MirrorError, AttributeError, TypeError) as exc:
         raise BundleError(f"mirror-bundle.json: image {reference[:100]!r}: {getattr(exc, 'message', exc)}") from None
     if parsed is not None and parsed.digest is not None and parsed.digest != digest:
         raise BundleError(f"mirror-bundle.json: image {reference[:100]!r} says digest {digest}")
     tag = parsed.tag if parsed is not None else None
-    return _Image(upstream.name, name, tag, str(digest), manifests, reference, referrer_tags)
+    return _Image(upstream.name, name, tag, str(digest), manifests, reference, referrer_tags, referrer_lists)
 
 
 def _layout_image(config: Config, descriptor: object, name: str | None) -> _Image:
@@ -926,8 +943,17 @@ async def _record_image(services: Services, image: _Image, result: Imported) -> 
         await index.add_manifest(image.upstream, image.name, Digest.parse(digest), media_type,
                                  manifest_references(body))
     tags = {**image.referrer_tags, **({image.tag: image.digest} if image.tag is not None else {})}
-    for tag, digest in tags.items():
-        await index.set_tag(image.upstream, image.name, tag, TagRecord(Digest.parse(digest), time.time()))
+    for tag, tagged in tags.items():
+        await index.set_tag(image.upstream, image.name, tag, TagRecord(Digest.parse(tagged), time.time()))
+        if (subject := attachment_subject(tag)) is not None:
+            await index.attach(subject, Digest.parse(tagged))
+    for listed_for, listed in image.referrer_lists.items():
+        # The referrers API answers from these offline, as it did where the bundle was made.
+        body = referrers_index(listed)
+        await services.proxy.keep_manifest(image.upstream, image.name, Digest.of(body), OCI_INDEX, body,
+                                           [Digest.parse(str(d["digest"])) for d in listed])
+        await index.set_referrers(image.upstream, image.name, Digest.parse(listed_for),
+                                  TagRecord(Digest.of(body), time.time()))
     for reference in (*tags, *manifests):
         await index.clear_miss(image.upstream, image.name, reference)
     for digest in manifests:

@@ -30,6 +30,7 @@ from mirror.credentials import (
     GcrCredentials,
 )
 from mirror.errors import ConfigError
+from mirror.signatures import Keyring
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
@@ -71,6 +72,11 @@ class UpstreamConfig:
     background; False waits for the revalidation (up to `upstream_timeouts.revalidate`)."""
     negative_ttl: float = 30.0
     """How long an upstream 404 for a tag or manifest is remembered (0: not at all)."""
+    referrers_ttl: float = 300.0
+    """How long a subject's list of referrers (signatures, SBOMs) is served before it is asked
+    for again: the subject is immutable, but its referrers arrive and go after it."""
+    referrers_negative_ttl: float = 60.0
+    """The same for an empty list: a signature pushed just after its image shows up sooner."""
     on_refusal: str = "stale"
     """What an upstream 401 or 403 means for a cached tag: `stale` (an outage of the mirror's
     credentials: serve the cached copy and log it) or `deny` (stop serving it)."""
@@ -153,6 +159,21 @@ class EvictionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SignaturePolicy:
+    """Manifests of runnable images in the repositories it covers are served only with a valid
+    cosign/sigstore signature by one of `keys` (Harbor's "prevent unsigned images", for every
+    upstream at once). The first policy that covers a repository applies."""
+
+    name: str
+    keys: tuple[Path, ...]
+    """PEM public keys; any one of them may sign."""
+    upstreams: tuple[str, ...] = ("*",)
+    repositories: tuple[str, ...] = ("*",)
+    """Repository names as the upstream knows them (`library/alpine`), as shell patterns
+    (`team/*`, `*`); `*` crosses `/`."""
+
+
+@dataclass(frozen=True, slots=True)
 class S3Location:
     """Shared object storage: `s3://bucket/prefix`."""
 
@@ -211,6 +232,7 @@ class Config:
     """Redis for coordination between replicas that share `storage` (the URL may hold a password)."""
     advertise: str | None = None
     """How other replicas reach this one; None: from the listen address."""
+    signature_policies: tuple[SignaturePolicy, ...] = ()
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -337,7 +359,7 @@ def _secret(section: _Section, key: str, environ: Mapping[str, str]) -> str | No
 def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
     section.check_keys({"name", "url", "aliases", "tag_ttl", "max_age", "library_prefix", "credentials",
                         "token_realms", "stale_while_revalidate", "negative_ttl", "on_refusal", "breaker",
-                        "offline"})
+                        "offline", "referrers_ttl", "referrers_negative_ttl"})
     name = section.get("name", str)
     url = section.get("url", str)
     if name is None or url is None:
@@ -372,6 +394,9 @@ def _upstream(section: _Section, environ: Mapping[str, str]) -> UpstreamConfig:
         library_prefix=section.get("library_prefix", bool, name == DOCKER_HUB),
         stale_while_revalidate=section.get("stale_while_revalidate", bool, True),
         negative_ttl=parse_duration(section.data.get("negative_ttl", 30), section.at("negative_ttl")),
+        referrers_ttl=parse_duration(section.data.get("referrers_ttl", 300), section.at("referrers_ttl")),
+        referrers_negative_ttl=parse_duration(section.data.get("referrers_negative_ttl", 60),
+                                              section.at("referrers_negative_ttl")),
         on_refusal=_choice(section, "on_refusal", ("stale", "deny"), "stale"),
         breaker=_breaker(section),
         offline=section.get("offline", bool, False),
@@ -556,7 +581,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"upstreams", "upstream_timeouts", "max_size", "eviction", "connections", "auth", "tls",
-                     "offline", "s3", *_SCALARS})
+                     "offline", "s3", "signature_policies", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -597,7 +622,8 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
     # Offline, a tag is served as it was cached or imported, whatever its age: nothing could
     # revalidate it. A miss costs nothing to answer, and each is counted for the next image list.
     config = replace(config, upstreams=tuple(
-        replace(u, offline=True, tag_ttl=math.inf, negative_ttl=0.0) if u.offline or everything_offline else u
+        replace(u, offline=True, tag_ttl=math.inf, negative_ttl=0.0, referrers_ttl=math.inf,
+                   referrers_negative_ttl=math.inf) if u.offline or everything_offline else u
         for u in config.upstreams))
 
     eviction = EvictionConfig()
@@ -634,8 +660,35 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
         config = replace(config, timeouts=TimeoutConfig(
             **_durations(section, config.timeouts, ("connect", "read", "revalidate"))))
     config = replace(config, auth=_auth(root, overrides), tls=_tls(root, overrides), s3=_s3(root))
+    if (policies := root.get("signature_policies", list)) is not None:
+        config = replace(config, signature_policies=tuple(
+            _signature_policy(_Section(item, f"signature_policies[{i}]"), {u.name for u in config.upstreams})
+            for i, item in enumerate(policies)))
     _validate(config)
     return config
+
+
+def _signature_policy(section: _Section, upstreams: set[str]) -> SignaturePolicy:
+    section.check_keys({"name", "keys", "upstreams", "repositories"})
+    name = section.get("name", str)
+    if not name:
+        raise ConfigError(f"{section.at('name')}: a signature policy needs a name (errors name it)")
+    keys = section.get("keys", list) or []
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"{section.at('keys')}: expected a list of paths to PEM public keys")
+    for i, key in enumerate(keys):
+        try:
+            Keyring.load([Path(key)])
+        except ValueError as exc:
+            raise ConfigError(f"{section.at('keys')}[{i}]: {exc}") from None
+    covered = section.get("upstreams", list, ["*"])
+    for i, upstream in enumerate(covered):
+        if upstream != "*" and upstream not in upstreams:
+            raise ConfigError(f"{section.at('upstreams')}[{i}]: {upstream!r} is not a configured upstream")
+    patterns = section.get("repositories", list, ["*"])
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"{section.at('repositories')}: expected a list of repository patterns such as team/*")
+    return SignaturePolicy(name, tuple(Path(k) for k in keys), tuple(covered), tuple(patterns))
 
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")

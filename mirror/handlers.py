@@ -34,8 +34,10 @@ from mirror.errors import (
 )
 from mirror.flight import Fill
 from mirror.gate import Gate
-from mirror.oci import Digest, parse_tag
+from mirror.oci import OCI_INDEX, Digest, parse_tag
+from mirror.policy import SignatureGate
 from mirror.proxy import CachedBlob, CacheResult, Proxy, StreamingBlob
+from mirror.referrers import Referrers
 from mirror.routing import Endpoint, Route, Router
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ MAX_PAGE = 10_000
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROXY = web.AppKey("proxy", Proxy)
+REFERRERS = web.AppKey("referrers", Referrers)
+SIGNATURES = web.AppKey("signatures", SignatureGate)
 
 
 def error_response(error: MirrorError) -> web.Response:
@@ -105,12 +109,16 @@ class RegistryHandlers:
             return await self.manifest(request, route)
         if route.endpoint is Endpoint.BLOB:
             return await self.blob(request, route)
+        if route.endpoint is Endpoint.REFERRERS:
+            return await self.referrers(request, route)
         return await self.tags(request, route)
 
     async def manifest(self, request: web.Request, route: Route) -> web.Response:
         # Go clients (skopeo, containerd, Docker) send one Accept header line per media type.
         accept = ", ".join(request.headers.getall("Accept", [])) or None
         result = await request.app[PROXY].manifest(route, accept)
+        if (signatures := request.app.get(SIGNATURES)) is not None:
+            await signatures.check(route, result)
         headers = {
             **API_VERSION,
             "Docker-Content-Digest": str(result.digest),
@@ -202,6 +210,17 @@ class RegistryHandlers:
         if start >= size or start >= stop:
             raise RangeInvalid(f"range {request.headers['Range']!r} is outside a blob of {size} bytes", size)
         return start, stop
+
+    async def referrers(self, request: web.Request, route: Route) -> web.Response:
+        result = await request.app[REFERRERS].answer(route)
+        body, filtered = result.response(request.query.get("artifactType"))
+        headers = {**API_VERSION, "Content-Type": OCI_INDEX, CACHE_HEADER: result.cache.value}
+        if filtered:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(body))
+            return web.Response(headers=headers)
+        return web.Response(body=body, headers=headers)
 
     async def tags(self, request: web.Request, route: Route) -> web.Response:
         query = {k: v for k, v in request.query.items() if k in ("n", "last")}

@@ -81,6 +81,21 @@ CREATE TABLE IF NOT EXISTS misses (
     last_seen REAL NOT NULL,
     PRIMARY KEY (upstream, name, reference)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS referrers (
+    upstream TEXT NOT NULL,
+    name TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (upstream, name, subject)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS verdicts (
+    subject TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    keyring TEXT NOT NULL,
+    valid INTEGER NOT NULL,
+    PRIMARY KEY (subject, signature, keyring)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS refs_by_child ON refs (child);
 CREATE INDEX IF NOT EXISTS blobs_by_access ON blobs (last_access);
 """
@@ -146,6 +161,24 @@ class Index(Protocol):
 
     async def parents(self, digest: Digest) -> list[Digest]:
         """The cached manifests (indexes) that reference `digest`."""
+
+    async def referrers(self, upstream: str, name: str, subject: Digest) -> TagRecord | None:
+        """The stored list of `subject`'s referrers in a repository, and when it was checked."""
+
+    async def set_referrers(self, upstream: str, name: str, subject: Digest, record: TagRecord) -> None:
+        """Replace a repository's list of `subject`'s referrers. The list hangs from its subject
+        (evicted and pinned with it); a list no repository uses any more hangs from nothing."""
+
+    async def attach(self, subject: Digest, attachment: Digest) -> None:
+        """`attachment` (a signature, an SBOM, a referrers list) goes with `subject`: evicted
+        and pinned with it."""
+
+    async def verdict(self, subject: Digest, signature: Digest, keyring: str) -> bool | None:
+        """Whether a signature manifest was found to sign `subject` by a key of `keyring` (a key
+        set's fingerprint); None if it was never checked. Every part is content-addressed, so a
+        verdict never goes stale."""
+
+    async def set_verdict(self, subject: Digest, signature: Digest, keyring: str, valid: bool) -> None: ...
 
     async def add_blob(self, digest: Digest, size: int) -> bool:
         """A published blob; True if it was not known (its size is counted once)."""
@@ -418,7 +451,9 @@ class SqliteIndex:
                 released = [Digest.parse(row[0]) for row in self.db.execute(
                     "DELETE FROM refs WHERE parent = ? RETURNING child", key)]
                 for statement in ("DELETE FROM blobs WHERE digest = ?", "DELETE FROM manifests WHERE digest = ?",
-                                  "DELETE FROM tags WHERE digest = ?", "DELETE FROM links WHERE digest = ?"):
+                                  "DELETE FROM tags WHERE digest = ?", "DELETE FROM links WHERE digest = ?",
+                                  "DELETE FROM referrers WHERE digest = ?1 OR subject = ?1",
+                                  "DELETE FROM verdicts WHERE subject = ?1 OR signature = ?1"):
                     self.db.execute(statement, key)
             return released
         # Before the rows go, and again after: a lookup that read them meanwhile may have remembered them.
@@ -473,6 +508,45 @@ class SqliteIndex:
         """The cached manifests (indexes) that reference `digest`."""
         return await self._run(lambda: [Digest.parse(row[0]) for row in self.db.execute(
             "SELECT parent FROM refs WHERE child = ?", (str(digest),))])
+
+    async def referrers(self, upstream: str, name: str, subject: Digest) -> TagRecord | None:
+        def query() -> TagRecord | None:
+            row = self.db.execute("SELECT digest, checked_at FROM referrers WHERE upstream=? AND name=? AND subject=?",
+                                  (upstream, name, str(subject))).fetchone()
+            return TagRecord(Digest.parse(row[0]), row[1]) if row else None
+        return await self._run(query)
+
+    async def set_referrers(self, upstream: str, name: str, subject: Digest, record: TagRecord) -> None:
+        key = (upstream, name, str(subject))
+
+        def write() -> None:
+            with self.db:
+                self.db.execute("BEGIN")
+                old = self.db.execute("SELECT digest FROM referrers WHERE upstream=? AND name=? AND subject=?",
+                                      key).fetchone()
+                self.db.execute("INSERT OR REPLACE INTO referrers VALUES (?, ?, ?, ?, ?)",
+                                (*key, str(record.digest), record.checked_at))
+                self.db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?)", (str(subject), str(record.digest)))
+                if old is not None and old[0] != str(record.digest):
+                    self.db.execute("DELETE FROM refs WHERE parent = ?1 AND child = ?2 AND NOT EXISTS ("
+                                    "SELECT 1 FROM referrers WHERE subject = ?1 AND digest = ?2)",
+                                    (str(subject), old[0]))
+        await self._run(write)
+
+    async def attach(self, subject: Digest, attachment: Digest) -> None:
+        await self._run(lambda: self.db.execute("INSERT OR IGNORE INTO refs VALUES (?, ?)",
+                                                (str(subject), str(attachment))))
+
+    async def verdict(self, subject: Digest, signature: Digest, keyring: str) -> bool | None:
+        def query() -> bool | None:
+            row = self.db.execute("SELECT valid FROM verdicts WHERE subject=? AND signature=? AND keyring=?",
+                                  (str(subject), str(signature), keyring)).fetchone()
+            return None if row is None else bool(row[0])
+        return await self._run(query)
+
+    async def set_verdict(self, subject: Digest, signature: Digest, keyring: str, valid: bool) -> None:
+        await self._run(lambda: self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
+                                                (str(subject), str(signature), keyring, int(valid))))
 
     async def pin(self, digest: Digest, pinned: bool = True) -> bool:
         """Keep a manifest (and so all it references) out of eviction's reach; False if it is not cached."""

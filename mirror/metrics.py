@@ -83,6 +83,18 @@ class Metrics:
         self.peer_bytes = Counter("mirror_cluster_peer_bytes", "Bytes streamed from another replica's download "
                                   "instead of the upstream.", registry=registry)
 
+        self.referrers_requests = Counter("mirror_referrers_requests", "Referrers API requests by how they were "
+                                          "answered (hit, miss, joined, revalidated, stale).", ["result"],
+                                          registry=registry)
+        self.referrers_fetched = Counter("mirror_referrers_fetched", "Referrers lists fetched from upstreams, by "
+                                         "where they came from: the referrers API, or the fallback tag of an "
+                                         "upstream without it.", ["source"], registry=registry)
+        self.referrers_listed = Counter("mirror_referrers_listed", "Referrers served in referrers lists, by kind "
+                                        "of artifact (from its artifactType).", ["kind"], registry=registry)
+        self.signature_checks = Counter("mirror_signature_checks", "Manifests checked against a signature policy, "
+                                        "by policy and result: verified (now), cached (a verdict kept from "
+                                        "before), refused.", ["policy", "result"], registry=registry)
+
         # Zero series from the start, so rates and ratios exist before the first event.
         for kind in KINDS:
             self.coalesced.labels(kind)
@@ -92,6 +104,11 @@ class Metrics:
             self.served_bytes.labels(source)
         for kind in (*KINDS, "tags"):
             self.offline_misses.labels(kind)
+        self.offline_misses.labels("referrers")
+        for result in ("hit", "miss", "joined", "revalidated", "stale"):
+            self.referrers_requests.labels(result)
+        for source in ("api", "tag"):
+            self.referrers_fetched.labels(source)
         for reason in ("size", "age"):
             self.evictions.labels(reason)
             self.evicted_bytes.labels(reason)
@@ -106,3 +123,15 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def referrer_kind(artifact_type: object) -> str:
+    """A bounded label for a referrer's artifactType: signature, attestation, sbom or other."""
+    kind = artifact_type.lower() if isinstance(artifact_type, str) else ""
+    if any(word in kind for word in ("sbom", "spdx", "cyclonedx", "syft")):
+        return "sbom"
+    if any(word in kind for word in ("in-toto", "intoto", "attestation", "provenance", "cosign.artifact.att")):
+        return "attestation"
+    if any(word in kind for word in ("signature", "cosign.artifact.sig", "sigstore", "notary")):
+        return "signature"
+    return "other"

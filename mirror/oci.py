@@ -19,6 +19,7 @@ _NAME_RE = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
 _TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 _SHA256_HEX_RE = re.compile(r"[a-f0-9]{64}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+_ATTACHMENT_RE = re.compile(r"sha256-(?P<hex>[a-f0-9]{64})(?:\.(?:sig|att|sbom))?")
 # The spec bounds the whole reference (registry host and name) at 255 characters.
 MAX_NAME_LENGTH = 255
 
@@ -134,6 +135,53 @@ def manifest_media_type(body: bytes, declared: str | None) -> str:
     if "layers" in document:
         return OCI_MANIFEST
     raise ManifestInvalid(f"unrecognised manifest media type {declared!r}")
+
+
+def referrer_descriptors(body: bytes) -> list[dict[str, object]]:
+    """The descriptors an OCI index lists (a referrers response or a fallback tag's index), each
+    kept as sent (artifactType, annotations...) when it has the three fields a descriptor must
+    have; anything else in the list is dropped. A body that is not an index raises ManifestInvalid."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise ManifestInvalid("upstream referrers list is not JSON") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("manifests"), list):
+        raise ManifestInvalid("upstream referrers list is not an image index")
+    kept: list[dict[str, object]] = []
+    for entry in document["manifests"]:
+        if (isinstance(entry, dict) and isinstance(entry.get("mediaType"), str)
+                and isinstance(entry.get("size"), int) and entry["size"] >= 0
+                and isinstance(entry.get("digest"), str) and _is_sha256(entry["digest"])):
+            kept.append(entry)
+    return kept
+
+
+def _is_sha256(value: str) -> bool:
+    try:
+        Digest.parse(value)
+    except DigestInvalid:
+        return False
+    return True
+
+
+def referrers_index(descriptors: list[dict[str, object]]) -> bytes:
+    """The image index the referrers API answers: the same descriptors always give the same bytes."""
+    return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors},
+                      separators=(",", ":")).encode()
+
+
+def fallback_tag(subject: Digest) -> str:
+    """Where a registry without the referrers API keeps a subject's referrers (the spec's
+    referrers tag schema)."""
+    return f"sha256-{subject.hex}"
+
+
+def attachment_subject(tag: str) -> Digest | None:
+    """The subject of a tag that names an attachment: the referrers fallback tag, or cosign's
+    `sha256-<hex>.sig`, `.att`, `.sbom`."""
+    if (match := _ATTACHMENT_RE.fullmatch(tag)) is None:
+        return None
+    return Digest(match["hex"])
 
 
 def manifest_references(body: bytes) -> list[Digest]:

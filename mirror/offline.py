@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn
 
 from mirror.config import UpstreamConfig
-from mirror.errors import BlobUnknown, ManifestUnknown, MirrorError, NameUnknown
+from mirror.errors import BlobUnknown, ManifestUnknown, MirrorError, NameUnknown, Unavailable
 from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.upstream import BlobSink, Head, Manifest
@@ -56,6 +56,12 @@ class OfflineUpstream:
         if query.get("n", "").isdigit():
             tags = tags[:int(query["n"])]
         return json.dumps({"name": name, "tags": tags}).encode(), None
+
+    async def get_referrers(self, name: str, subject: Digest) -> list[dict[str, object]] | None:
+        """Never "none": a verifier reading an empty list would take the image for unsigned."""
+        self._misses.labels("referrers").inc()
+        raise Unavailable(f"the referrers of {subject} in {self.name}/{name} are not cached, and the mirror is offline",
+                          detail={"offline": True, "upstream": self.name, "name": name, "subject": str(subject)})
 
     async def _miss(self, kind: str, name: str, reference: str) -> NoReturn:
         self._misses.labels(kind).inc()

@@ -50,7 +50,16 @@ from mirror.errors import (
 from mirror.eviction import Evictor
 from mirror.flight import Background, Coalescer, Fill, Fills, run_to_end
 from mirror.index import Index, TagRecord
-from mirror.oci import MANIFEST_MEDIA_TYPES, Digest, Reference, accepts, manifest_media_type, manifest_references
+from mirror.oci import (
+    MANIFEST_MAX_BYTES,
+    MANIFEST_MEDIA_TYPES,
+    Digest,
+    Reference,
+    accepts,
+    attachment_subject,
+    manifest_media_type,
+    manifest_references,
+)
 from mirror.routing import Route
 from mirror.storage import BlobStore
 from mirror.upstream import Source
@@ -143,7 +152,7 @@ class Proxy:
         upstream_accept = ACCEPT_ALL if complete_accept else (accept or ACCEPT_ALL)
 
         if reference.digest is not None:
-            cached = await self._cached_manifest(reference.digest)
+            cached = await self.cached_manifest(reference.digest)
             if cached is not None and accepts(accept, cached.media_type):
                 await self._ensure_visible(upstream, route.name, reference.digest, "manifest")
                 return cached
@@ -151,7 +160,7 @@ class Proxy:
 
         assert reference.tag is not None
         record = await self._index.tag(upstream.name, route.name, reference.tag)
-        cached = await self._cached_manifest(record.digest) if record else None
+        cached = await self.cached_manifest(record.digest) if record else None
         if (record is None or cached is None) and not complete_accept:
             # What the tag means is learnt with everything accepted, as every client sees it;
             # most narrow clients (one media type) can take that form, and then hit from now on.
@@ -218,7 +227,7 @@ class Proxy:
         record = await self._index.tag(upstream.name, name, tag)
         if record is None or (before is not None and record.checked_at <= before.checked_at):
             return None
-        return await self._cached_manifest(record.digest)
+        return await self.cached_manifest(record.digest)
 
     async def _check_tag(self, upstream: Source, name: str, reference: Reference,
                          cached: ManifestResult) -> ManifestResult:
@@ -250,7 +259,7 @@ class Proxy:
         self._failed_checks.pop(key, None)
         return result
 
-    async def _cached_manifest(self, digest: Digest) -> ManifestResult | None:
+    async def cached_manifest(self, digest: Digest) -> ManifestResult | None:
         media_type = await self._index.manifest_type(digest)
         if media_type is None:
             return None
@@ -286,7 +295,7 @@ class Proxy:
                 return await self._get_manifest(upstream, name, reference, accept, tag_it)
         if reference.digest is not None:
             digest = reference.digest
-            fetched = await poll(lambda: self._cached_manifest(digest), lambda: cluster.working(lease), MANIFEST_WAIT)
+            fetched = await poll(lambda: self.cached_manifest(digest), lambda: cluster.working(lease), MANIFEST_WAIT)
         else:
             fetched = await poll(lambda: self._peer_tag(upstream, name, str(reference), before),
                                  lambda: cluster.working(lease), MANIFEST_WAIT)
@@ -308,17 +317,25 @@ class Proxy:
         media_type = manifest_media_type(fetched.body, fetched.media_type)
 
         async def store() -> None:
-            if await self._store.size(digest) is None:
-                # Same digest, same bytes: a manifest stored under another tag is not written again.
-                await self._store.put(digest, fetched.body)
-            await self._record_blob(digest, len(fetched.body))
-            await self._index.add_manifest(upstream.name, name, digest, media_type,
-                                           manifest_references(fetched.body))
+            await self.keep_manifest(upstream.name, name, digest, media_type, fetched.body,
+                                     manifest_references(fetched.body))
             if tag_it and reference.tag is not None:
                 await self._index.set_tag(upstream.name, name, reference.tag, TagRecord(digest, self._clock()))
+                if (subject := attachment_subject(reference.tag)) is not None:
+                    # A signature or SBOM under cosign's tags goes with its image.
+                    await self._index.attach(subject, digest)
         # As for blobs: what is published is recorded before a shutdown closes the index.
         await run_to_end(store())
         return ManifestResult(fetched.body, media_type, digest, CacheResult.MISS)
+
+    async def keep_manifest(self, upstream: str, name: str, digest: Digest, media_type: str, body: bytes,
+                            references: list[Digest]) -> None:
+        """Store a verified manifest (or a referrers list) and record it for the repository."""
+        if await self._store.size(digest) is None:
+            # Same digest, same bytes: a manifest stored under another tag is not written again.
+            await self._store.put(digest, body)
+        await self._record_blob(digest, len(body))
+        await self._index.add_manifest(upstream, name, digest, media_type, references)
 
     def _remember_absent(self, upstream: Source, name: str, reference: Reference, error: MirrorError) -> None:
         if (absent := self._absent.get(upstream.name)) is not None:
@@ -371,6 +388,24 @@ class Proxy:
             if (file := fill.reader()) is not None:
                 return StreamingBlob(fill, CacheResult.MISS, file)
         raise Unavailable(f"{digest} kept finishing before it could be read: try again")
+
+    async def small_blob(self, route: Route) -> bytes:
+        """A whole small blob (a signature's payload), through the cache like any blob."""
+        blob = await self.blob(route)
+        if isinstance(blob, StreamingBlob):
+            blob.file.close()
+            size = blob.fill.size
+            await blob.fill.published()
+        else:
+            self.done_reading(blob)
+            size = blob.size
+        if size is not None and size > MANIFEST_MAX_BYTES:
+            raise ManifestInvalid(f"{blob.digest if isinstance(blob, CachedBlob) else blob.fill.digest} is "
+                                  f"{size} bytes: too large for a signature payload")
+        body = await self._store.read(_digest_of(route))
+        if body is None:
+            raise Unavailable(f"{_digest_of(route)} was fetched but cannot be read back: try again")
+        return body
 
     def chunks(self, blob: CachedBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of a cached blob the store does not keep as a local file."""

@@ -13,6 +13,10 @@ The same records as `SqliteIndex`, under a key prefix (`p`):
     {p}access             ZSET  digest -> last access (members are exactly the blobs)
     {p}pinned             SET   digests
     {p}refs:<parent>      SET   children;  {p}parents:<child>  SET  parents
+    {p}referrers:<subject>  HASH  upstream\\0name -> "list digest checked_at"
+    {p}referred:<list>    SET   subjects whose referrers hash names the list (so `forget` drops them)
+    {p}verdicts           HASH  subject\\0signature\\0keyring -> "1" or "0"
+    {p}judged:<digest>    SET   verdict fields naming the digest, as subject or signature (for `forget`)
     {p}misses:count|kind|seen  HASH upstream\\0name\\0reference -> count, kind, last seen
 
 Multi-key writes are MULTI/EXEC; where a write depends on what is there (moving a tag, forgetting
@@ -83,7 +87,28 @@ if old then
 end
 redis.call('SREM', KEYS[2], ARGV[3])
 """
-# KEYS: refs:<d> blobs access pinned manifests tagged:<d> tags linkers:<d> links; ARGV: prefix, d.
+# A list hangs from its subject (refs) while any repository's record names it.
+# KEYS: referrers:<subject> refs:<subject> parents:<list> referred:<list>;
+# ARGV: prefix, upstream\\0name, subject, list, "list checked_at".
+_SET_REFERRERS = """
+local prefix, field, subject, list = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local old = redis.call('HGET', KEYS[1], field)
+redis.call('HSET', KEYS[1], field, ARGV[5])
+redis.call('SADD', KEYS[2], list)
+redis.call('SADD', KEYS[3], subject)
+redis.call('SADD', KEYS[4], subject)
+if not old then return end
+old = string.match(old, '^%S+')
+if old == list then return end
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  if string.match(value, '^%S+') == old then return end
+end
+redis.call('SREM', KEYS[2], old)
+redis.call('SREM', prefix .. 'parents:' .. old, subject)
+redis.call('SREM', prefix .. 'referred:' .. old, subject)
+"""
+# KEYS: refs:<d> blobs access pinned manifests tagged:<d> tags linkers:<d> links
+#       referrers:<d> referred:<d> judged:<d> verdicts; ARGV: prefix, d.
 _FORGET = """
 local prefix, digest = ARGV[1], ARGV[2]
 local children = redis.call('SMEMBERS', KEYS[1])
@@ -104,6 +129,25 @@ end
 redis.call('DEL', KEYS[6])
 for _, linker in ipairs(redis.call('SMEMBERS', KEYS[8])) do redis.call('SREM', KEYS[9], linker .. '\\0' .. digest) end
 redis.call('DEL', KEYS[8])
+for _, value in ipairs(redis.call('HVALS', KEYS[10])) do
+  redis.call('SREM', prefix .. 'referred:' .. string.match(value, '^%S+'), digest)
+end
+redis.call('DEL', KEYS[10])
+for _, subject in ipairs(redis.call('SMEMBERS', KEYS[11])) do
+  local key = prefix .. 'referrers:' .. subject
+  local records = redis.call('HGETALL', key)
+  for i = 1, #records, 2 do
+    if string.match(records[i + 1], '^%S+') == digest then redis.call('HDEL', key, records[i]) end
+  end
+end
+redis.call('DEL', KEYS[11])
+for _, field in ipairs(redis.call('SMEMBERS', KEYS[12])) do
+  redis.call('HDEL', KEYS[13], field)
+  local subject, signature = string.match(field, '^([^%z]*)%z([^%z]*)%z')
+  local other = subject == digest and signature or subject
+  if other ~= digest then redis.call('SREM', prefix .. 'judged:' .. other, field) end
+end
+redis.call('DEL', KEYS[12])
 return children
 """
 _PIN = """
@@ -164,6 +208,7 @@ class RedisIndex:
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, supported_errors=(RedisConnectionError,)))
         self._set_tag = self._redis.register_script(_SET_TAG)
         self._drop_tag = self._redis.register_script(_DROP_TAG)
+        self._set_referrers = self._redis.register_script(_SET_REFERRERS)
         self._forget = self._redis.register_script(_FORGET)
         self._pin = self._redis.register_script(_PIN)
         self._candidates = self._redis.register_script(_CANDIDATES)
@@ -338,6 +383,47 @@ class RedisIndex:
         found = await self._call(lambda: _strs(self._redis.smembers(f"{self._p}parents:{digest}")), list[str]())
         return [Digest.parse(parent) for parent in sorted(found)]
 
+    async def referrers(self, upstream: str, name: str, subject: Digest) -> TagRecord | None:
+        value = await self._call(lambda: _str(self._redis.hget(f"{self._p}referrers:{subject}",
+                                                              f"{upstream}{_SEP}{name}")), None)
+        if value is None:
+            return None
+        digest, _, checked_at = value.partition(" ")
+        return TagRecord(Digest.parse(digest), float(checked_at))
+
+    async def set_referrers(self, upstream: str, name: str, subject: Digest, record: TagRecord) -> None:
+        """The record and its refs edge in one script: another replica replacing the same
+        subject's list elsewhere must not see, or leave, an edge without its record."""
+        p, listed = self._p, record.digest
+        await self._call(lambda: self._set_referrers(
+            keys=[f"{p}referrers:{subject}", f"{p}refs:{subject}", f"{p}parents:{listed}", f"{p}referred:{listed}"],
+            args=[p, f"{upstream}{_SEP}{name}", str(subject), str(listed), f"{listed} {record.checked_at!r}"]), None)
+
+    async def attach(self, subject: Digest, attachment: Digest) -> None:
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.sadd(f"{self._p}refs:{subject}", str(attachment))
+                pipe.sadd(f"{self._p}parents:{attachment}", str(subject))
+                await pipe.execute()
+        await self._call(write, None)
+
+    async def verdict(self, subject: Digest, signature: Digest, keyring: str) -> bool | None:
+        value = await self._call(lambda: _str(self._redis.hget(f"{self._p}verdicts",
+                                                              _SEP.join((str(subject), str(signature), keyring)))),
+                                 None)
+        return None if value is None else value == "1"
+
+    async def set_verdict(self, subject: Digest, signature: Digest, keyring: str, valid: bool) -> None:
+        field = _SEP.join((str(subject), str(signature), keyring))
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(f"{self._p}verdicts", field, "1" if valid else "0")
+                pipe.sadd(f"{self._p}judged:{subject}", field)
+                pipe.sadd(f"{self._p}judged:{signature}", field)
+                await pipe.execute()
+        await self._call(write, None)
+
     async def is_linked(self, upstream: str, name: str, digest: Digest) -> bool:
         key = (upstream, name, str(digest))
         if key in self._links:
@@ -471,7 +557,8 @@ class RedisIndex:
         try:
             children: list[str] = await self._call(lambda: self._forget(
                 keys=[f"{p}refs:{d}", f"{p}blobs", f"{p}access", f"{p}pinned", f"{p}manifests", f"{p}tagged:{d}",
-                      f"{p}tags", f"{p}linkers:{d}", f"{p}links"], args=[p, d]), [])
+                      f"{p}tags", f"{p}linkers:{d}", f"{p}links", f"{p}referrers:{d}", f"{p}referred:{d}",
+                      f"{p}judged:{d}", f"{p}verdicts"], args=[p, d]), [])
         finally:
             self._forgetting -= 1
             self._forgotten += 1

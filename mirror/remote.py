@@ -28,7 +28,7 @@ from mirror.errors import (
     Unavailable,
 )
 from mirror.imagelist import ImageSpec
-from mirror.oci import Digest, Reference, manifest_media_type
+from mirror.oci import Digest, Reference, manifest_media_type, referrer_descriptors
 from mirror.proxy import ACCEPT_ALL, CacheResult, ManifestResult
 
 _CHUNK = 4 << 20
@@ -74,6 +74,11 @@ class ServerFetcher:
         async with self._get(self._url(spec, f"tags/list?{urlencode(query)}")) as response:
             await _check(response, NameUnknown)
             return await response.read(), response.headers.get("Link")
+
+    async def referrers(self, spec: ImageSpec, subject: Digest) -> list[dict[str, object]]:
+        async with self._get(self._url(spec, f"referrers/{subject}")) as response:
+            await _check(response, ManifestUnknown)
+            return referrer_descriptors(await response.read())
 
     async def pin(self, digest: Digest) -> bool:
         return False

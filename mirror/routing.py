@@ -24,6 +24,7 @@ class Endpoint(Enum):
     MANIFEST = "manifest"
     BLOB = "blob"
     TAGS = "tags"
+    REFERRERS = "referrers"
     UPLOAD = "upload"
 
 
@@ -41,7 +42,7 @@ _TAGS_RE = re.compile(r"(?P<name>.+)/tags/list")
 # A first segment that names a registry rather than a repository (Docker's reference grammar:
 # it has a dot or a port, or is localhost).
 _HOST_RE = re.compile(r"(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+|localhost|[a-zA-Z0-9-]+(?=:))(?::[0-9]+)?")
-_CONTENT_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<reference>[^/]+)")
+_CONTENT_RE = re.compile(r"(?P<name>.+)/(?P<kind>manifests|blobs|referrers)/(?P<reference>[^/]+)")
 
 
 class Router:
@@ -83,7 +84,7 @@ class Router:
         elif match := _TAGS_RE.fullmatch(path):
             endpoint = Endpoint.TAGS
         elif match := _CONTENT_RE.fullmatch(path):
-            endpoint = Endpoint.MANIFEST if match["kind"] == "manifests" else Endpoint.BLOB
+            endpoint = {"manifests": Endpoint.MANIFEST, "blobs": Endpoint.BLOB}.get(match["kind"], Endpoint.REFERRERS)
         else:
             raise NotFound(f"no registry API endpoint at /v2/{path[:200]}")
         upstream, name = self._upstream_for(match["name"], ns, upstream)
@@ -95,7 +96,7 @@ class Router:
         reference = None
         if endpoint is Endpoint.MANIFEST:
             reference = Reference.parse(match["reference"])
-        elif endpoint is Endpoint.BLOB:
+        elif endpoint in (Endpoint.BLOB, Endpoint.REFERRERS):
             reference = Reference(digest=Digest.parse(match["reference"]))
         return Route(upstream, name, endpoint, reference)
 

@@ -24,9 +24,10 @@ from mirror.errors import CacheWriteError, ManifestUnknown, MirrorError, NameUnk
 from mirror.imagelist import ImageSpec, Platform
 from mirror.index import Index
 from mirror.metrics import Metrics
-from mirror.oci import DOCKER_MANIFEST_LIST, OCI_INDEX, Digest, Reference, parse_tag
+from mirror.oci import DOCKER_MANIFEST_LIST, OCI_INDEX, Digest, Reference, fallback_tag, parse_tag
 from mirror.progress import Reporter
 from mirror.proxy import ACCEPT_ALL, CachedBlob, ManifestResult, Proxy
+from mirror.referrers import Referrers
 from mirror.remote import ServerFetcher
 from mirror.routing import Endpoint, Route
 from mirror.services import open_services
@@ -69,6 +70,9 @@ class Seeded:
     referrer_tags: dict[str, str] = field(default_factory=dict)
     """The tags the referrers were found under (`sha256-<hex>.sig` ...), with their digests: an
     offline mirror serves them by these tags, as clients look them up."""
+    referrer_lists: dict[str, list[dict[str, object]]] = field(default_factory=dict)
+    """Subject digest -> its referrers as the referrers API listed them: an offline mirror
+    answers that API from these."""
     bytes_fetched: int = 0
     bytes_cached: int = 0
     pinned: bool = False
@@ -81,14 +85,17 @@ class Fetcher(Protocol):
     async def blob(self, spec: ImageSpec, digest: Digest) -> tuple[int, bool]:
         """The blob's size once it is in the cache, and whether it had to be fetched for that."""
     async def tags(self, spec: ImageSpec, query: Mapping[str, str]) -> tuple[bytes, str | None]: ...
+    async def referrers(self, spec: ImageSpec, subject: Digest) -> list[dict[str, object]]:
+        """`subject`'s referrers, as the referrers API lists them (whether or not the upstream has it)."""
     async def pin(self, digest: Digest) -> bool: ...
 
 
 class CacheFetcher:
     """The proxy of a cache this process opened: its single-flight downloads and verified writes."""
 
-    def __init__(self, proxy: Proxy, index: Index) -> None:
+    def __init__(self, proxy: Proxy, referrers: Referrers, index: Index) -> None:
         self._proxy = proxy
+        self._referrers = referrers
         self._index = index
 
     async def manifest(self, spec: ImageSpec, reference: Reference) -> ManifestResult:
@@ -108,6 +115,10 @@ class CacheFetcher:
 
     async def tags(self, spec: ImageSpec, query: Mapping[str, str]) -> tuple[bytes, str | None]:
         return await self._proxy.tags(Route(spec.upstream, spec.name, Endpoint.TAGS), query)
+
+    async def referrers(self, spec: ImageSpec, subject: Digest) -> list[dict[str, object]]:
+        route = Route(spec.upstream, spec.name, Endpoint.REFERRERS, Reference(digest=subject))
+        return (await self._referrers.answer(route)).descriptors
 
     async def pin(self, digest: Digest) -> bool:
         return await self._index.pin(digest)
@@ -200,31 +211,32 @@ class Seeder:
                 seeded.bytes_cached += size
 
     async def _referrers(self, spec: ImageSpec, subject: Digest, seeded: Seeded, dry_run: bool, depth: int) -> None:
-        """What the fallback tag and cosign's tags hold for `subject`, and their referrers in turn."""
-        tag = f"sha256-{subject.hex}"
+        """Every referrer of `subject` (the referrers API, or the fallback tag where the upstream
+        lacks it), what cosign's tags hold, and their referrers in turn."""
+        listed = await self._fetcher.referrers(spec, subject)
+        seeded.referrer_lists[str(subject)] = listed
+        attached = [await self._manifest(spec, Reference(digest=Digest.parse(str(d["digest"])))) for d in listed]
+        tag = fallback_tag(subject)
         for candidate in (tag, *(tag + suffix for suffix in COSIGN_SUFFIXES)):
             try:
                 found = await self._manifest(spec, Reference(tag=candidate))
             except (ManifestUnknown, NameUnknown):
                 continue
             seeded.referrer_tags[candidate] = str(found.digest)
-            attached = [found]
-            if found.media_type in INDEX_TYPES and candidate == tag:
-                # The referrers index of the fallback scheme: each entry is a referrer manifest.
-                descriptors = json.loads(found.body).get("manifests", [])
-                attached = [await self._manifest(spec, Reference(digest=Digest.parse(str(d["digest"]))))
-                            for d in descriptors if isinstance(d, dict) and isinstance(d.get("digest"), str)]
-                if str(found.digest) not in seeded.manifests:
-                    seeded.manifests.append(str(found.digest))
-            for referrer in attached:
-                if str(referrer.digest) in seeded.manifests:
-                    continue
-                seeded.manifests.append(str(referrer.digest))
-                seeded.referrers.append(str(referrer.digest))
-                if not dry_run:
-                    await self._blobs(spec, referrer, seeded)
-                if depth > 1:
-                    await self._referrers(spec, referrer.digest, seeded, dry_run, depth - 1)
+            if candidate != tag:
+                attached.append(found)
+            elif str(found.digest) not in seeded.manifests:
+                # The fallback scheme's own index, for clients that read it by its tag.
+                seeded.manifests.append(str(found.digest))
+        for referrer in attached:
+            if str(referrer.digest) in seeded.manifests:
+                continue
+            seeded.manifests.append(str(referrer.digest))
+            seeded.referrers.append(str(referrer.digest))
+            if not dry_run:
+                await self._blobs(spec, referrer, seeded)
+            if depth > 1:
+                await self._referrers(spec, referrer.digest, seeded, dry_run, depth - 1)
 
 
 Failure = tuple[ImageSpec, MirrorError]
@@ -262,7 +274,7 @@ async def seed(config: Config, specs: list[ImageSpec], dry_run: bool, quiet: boo
             async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
                 return await seed_all(Seeder(ServerFetcher(session, server), reporting(reporter)), specs, dry_run)
         async with open_services(config, Metrics()) as services:
-            seeder = Seeder(CacheFetcher(services.proxy, services.index), reporting(reporter))
+            seeder = Seeder(CacheFetcher(services.proxy, services.referrers, services.index), reporting(reporter))
             return await seed_all(seeder, specs, dry_run)
 
 

@@ -43,8 +43,10 @@ from mirror.index import (
 from mirror.metrics import Metrics
 from mirror.oci import Digest
 from mirror.offline import OfflineUpstream
+from mirror.policy import SignatureGate
 from mirror.proxy import Proxy
 from mirror.redisindex import RedisIndex
+from mirror.referrers import Referrers
 from mirror.s3store import S3Store
 from mirror.storage import BlobStore, DiskStore
 from mirror.upstream import Source, Upstream
@@ -69,7 +71,10 @@ class Services:
     index: Index
     background: Background
     proxy: Proxy
+    referrers: Referrers
     evictor: Evictor
+    signatures: SignatureGate | None = None
+    """The operator's signature policies, where any is configured."""
     cluster: Cluster | None = None
     """The other replicas on the same bucket, where Redis is set."""
     draining: bool = False
@@ -131,8 +136,12 @@ async def open_services(config: Config, metrics: Metrics,
                                      name="flush access times"))
     proxy = Proxy(store, index, evictor, upstreams, background, revalidate_timeout=timeouts.revalidate,
                   clock=clock, cluster=cluster)
+    referrers = Referrers(proxy, index, upstreams, background, metrics, timeouts.revalidate, clock)
+    signatures = (SignatureGate(config.signature_policies, proxy, referrers, index, metrics)
+                  if config.signature_policies else None)
     try:
-        yield Services(config, store, index, background, proxy, evictor, cluster=cluster, index_problem=index_problem,
+        yield Services(config, store, index, background, proxy, referrers, evictor, signatures=signatures,
+                       cluster=cluster, index_problem=index_problem,
                        shared_index=index if isinstance(index, RedisIndex) else None)
     finally:
         for task in periodic:

@@ -47,12 +47,14 @@ from mirror.errors import (
     UpstreamRefused,
 )
 from mirror.metrics import Metrics
-from mirror.oci import MANIFEST_MAX_BYTES, Digest
+from mirror.oci import MANIFEST_MAX_BYTES, OCI_INDEX, Digest, referrer_descriptors
 
 log = logging.getLogger(__name__)
 
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 # Resume attempts in a row that bring no new bytes before a download is given up.
+# The `rel="next"` target of a Link header (RFC 8288), as registries page tag and referrer lists.
+_NEXT_RE = re.compile(r'<(?P<url>[^>]*)>\s*;\s*rel="?next"?')
 MAX_RESUME_ATTEMPTS = 5
 RESUME_BACKOFF = 0.5
 # An upstream's error body is read this far, for its error codes.
@@ -60,8 +62,10 @@ _ERROR_BODY_LIMIT = 64 * 1024
 # A token is refreshed this long before the upstream says it expires.
 _TOKEN_MARGIN = 10.0
 _UNKNOWN_BY_KIND: Mapping[str, type[MirrorError]] = {
-    "manifest": ManifestUnknown, "blob": BlobUnknown, "tags": NameUnknown,
+    "manifest": ManifestUnknown, "blob": BlobUnknown, "tags": NameUnknown, "referrers": ManifestUnknown,
 }
+# Pages of one referrers list followed at most (a registry pages by 100s or more).
+MAX_REFERRER_PAGES = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,10 @@ class Source(Protocol):
     async def get_manifest(self, name: str, reference: str, accept: str) -> Manifest: ...
     async def fetch_blob(self, name: str, digest: Digest, sink: BlobSink) -> None: ...
     async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]: ...
+
+    async def get_referrers(self, name: str, subject: Digest) -> list[dict[str, object]] | None:
+        """Every referrer of `subject` the upstream's referrers API lists (all pages, unfiltered);
+        None where the upstream has no referrers API (it answers 404, as the spec says)."""
 
 
 def scope_for(name: str) -> str:
@@ -387,6 +395,36 @@ class Upstream:
             body = await self._read_limited(response, "tag list")
             return body, response.headers.get("Link")
 
+
+    async def get_referrers(self, name: str, subject: Digest) -> list[dict[str, object]] | None:
+        path: str | None = f"/v2/{name}/referrers/{subject}"
+        descriptors: list[dict[str, object]] = []
+        for page in range(MAX_REFERRER_PAGES):
+            assert path is not None
+            try:
+                async with self.request("GET", path, scope=scope_for(name), kind="referrers",
+                                        headers={"Accept": OCI_INDEX}) as response:
+                    body = await self._read_limited(response, "referrers list")
+                    link = response.headers.get("Link")
+            except (ManifestUnknown, NameUnknown):
+                if page == 0:
+                    return None
+                raise Unavailable(f"upstream {self.name} lost page {page + 1} of the referrers of {subject}") from None
+            descriptors += referrer_descriptors(body)
+            if (path := self._next_page(link)) is None:
+                return descriptors
+        raise Unavailable(f"upstream {self.name} lists more than {MAX_REFERRER_PAGES} pages of referrers of {subject}")
+
+    def _next_page(self, link: str | None) -> str | None:
+        """The path of the next page a Link header points to, on this upstream only: a link to
+        anywhere else is not followed (the mirror's credentials would go with it)."""
+        if link is None or (match := _NEXT_RE.search(link)) is None:
+            return None
+        target = URL(self.config.url).join(URL(match["url"]))
+        if target.origin() != self._origin:
+            raise Unavailable(f"upstream {self.name} pages its referrers to another host: {target.origin()}")
+        prefix = URL(self.config.url).path.rstrip("/")
+        return target.raw_path_qs[len(prefix):] if target.raw_path.startswith(prefix) else target.raw_path_qs
 
     async def _read_limited(self, response: aiohttp.ClientResponse, what: str) -> bytes:
         """A small response body in full, refusing anything over the spec's manifest limit."""

@@ -22,7 +22,16 @@ from aiohttp.test_utils import TestServer
 
 from mirror.access import ACCESS_LOG
 from mirror.app import SERVICES, create_app, runner_options
-from mirror.config import AuthConfig, Config, EvictionConfig, S3Config, S3Location, TimeoutConfig, UpstreamConfig
+from mirror.config import (
+    AuthConfig,
+    Config,
+    EvictionConfig,
+    S3Config,
+    S3Location,
+    SignaturePolicy,
+    TimeoutConfig,
+    UpstreamConfig,
+)
 from mirror.logs import JsonFormatter
 from mirror.services import Services
 from tests.support.clients import Sandbox, system_path
@@ -137,6 +146,9 @@ class Counting:
 
     url: str
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    failing: int | None = None
+    """Answer every request with this status (and Retry-After: 7) instead of forwarding it: the
+    upstream is down."""
 
     def count(self, method: str | None = None, kind: str | None = None) -> int:
         """Requests by method and by path kind ('manifests', 'blobs', 'tags')."""
@@ -161,6 +173,9 @@ async def make_counting() -> AsyncIterator[CountingFactory]:
 
             async def forward(request: web.Request) -> web.StreamResponse:
                 state.requests[(request.method, request.path)] += 1
+                if state.failing is not None:
+                    return web.json_response({"errors": [{"code": "UNAVAILABLE", "message": "down"}]},
+                                             status=state.failing, headers={"Retry-After": "7"})
                 headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
                 async with session.request(request.method, f"{upstream}{request.rel_url}", headers=headers,
                                            allow_redirects=False) as reply:
@@ -216,7 +231,8 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
                    clock: Callable[[], float] | None = None, timeouts: TimeoutConfig | None = None,
                    eviction: EvictionConfig | None = None, max_ages: dict[str, float] | None = None,
                    path_prefix: str = "", auth: AuthConfig | None = None, storage: S3Location | None = None,
-                   s3: S3Config | None = None, redis: str | None = None, **upstream_options: object) -> Mirror:
+                   s3: S3Config | None = None, redis: str | None = None,
+                   signature_policies: tuple[SignaturePolicy, ...] = (), **upstream_options: object) -> Mirror:
         # A replica tells the others its address, so it must know its port before it listens.
         port = free_port() if redis is not None else 0
         advertise = f"http://127.0.0.1:{port}" if redis is not None else None
@@ -225,7 +241,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
             cache_dir=cache_dir or tmp_path / f"cache{len(servers)}",
             default_upstream=next(iter(upstreams)), timeouts=timeouts or TimeoutConfig(),
             eviction=eviction or EvictionConfig(), path_prefix=path_prefix, auth=auth or AuthConfig(),
-            storage=storage, s3=s3 or S3Config(),
+            storage=storage, s3=s3 or S3Config(), signature_policies=signature_policies,
             upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
                                            max_age=(max_ages or {}).get(name),
                                            **upstream_options)  # type: ignore[arg-type]

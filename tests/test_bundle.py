@@ -445,6 +445,14 @@ async def test_referrers_travel_with_their_image_and_are_served_offline_by_their
         assert (await fetch(client, f"{base}/{sbom}"))[:2] == (200, sbom_body)
         status, _, _ = await fetch(client, f"{base}/sha256-{sbom.removeprefix('sha256:')}.sig")
         assert status == 200, "the signature of the SBOM came along too"
+        # The referrers API answers from the snapshot, the SBOM's (empty) list included.
+        referrers = f"{offline.url}/v2/{image.name}/referrers"
+        status, body, _ = await fetch(client, f"{referrers}/{image.digest}")
+        assert (status, json.loads(body)["manifests"]) == (200, json.loads(referrers_index)["manifests"])
+        status, body, _ = await fetch(client, f"{referrers}/{sbom}")
+        assert (status, json.loads(body)["manifests"]) == (200, [])
+        status, _, _ = await fetch(client, f"{referrers}/sha256:{'0' * 64}")
+        assert status == 503, "never an empty list for a subject the snapshot knows nothing of"
 
 
 def small_disk(path: Path, size: int) -> None:

@@ -16,9 +16,13 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from mirror.config import EvictionConfig, S3Config, S3Location
+from mirror.config import EvictionConfig, S3Config, S3Location, SignaturePolicy
+from mirror.signatures import SIGNATURE_ARTIFACT
 from tests.conftest import Mirror, MirrorFactory
+from tests.support.artifacts import artifact_manifest
+from tests.support.cosign import make_key, public_pem, sign_payload, signature_manifest
 from tests.support.fake_upstream import FakeUpstream, Forced
+from tests.support.images import OCI_MANIFEST
 from tests.support.pulls import ACCEPT, add_image, blob_url, fetch, manifest_url
 from tests.support.redis_server import RedisServer
 from tests.support.seaweedfs import SeaweedFS
@@ -439,3 +443,39 @@ async def test_a_replica_restarted_while_the_others_serve_finds_the_shared_cache
     finally:
         await first.kill()
         await second.kill()
+
+
+async def test_referrers_and_signature_verdicts_are_shared_by_the_replicas(
+        fake: FakeUpstream, make_mirror: MirrorFactory, client: aiohttp.ClientSession, seaweedfs: SeaweedFS,
+        s3_bucket: str, redis_server: RedisServer, tmp_path: Path) -> None:
+    """A referrers list one replica fetched is a hit on the others; so is a signature verdict."""
+    key = make_key()
+    (tmp_path / "release.pub").write_bytes(public_pem(key))
+    image = add_image(fake, NAME, layers=[b"signed layer"])
+    payload, signature = sign_payload(key, image.digest, "registry.test/library/app")
+    body, blobs = signature_manifest([(payload, signature)])
+    for blob in blobs.values():
+        fake.add_blob(blob)
+    subject = {"mediaType": OCI_MANIFEST, "digest": image.digest, "size": len(image.manifest)}
+    fake.referrers_api = True
+    fake.add_referrer(NAME, image.digest, body, SIGNATURE_ARTIFACT)
+    fake.add_referrer(NAME, image.digest, artifact_manifest(subject, "application/spdx+json", b"sbom"))
+    policy = SignaturePolicy("release-signed", (tmp_path / "release.pub",))
+    mirrors = [await make_mirror({"docker.io": fake.url}, storage=S3Location(s3_bucket, "signed"),
+                                 s3=settings(seaweedfs), redis=redis_server.url, signature_policies=(policy,))
+               for _ in range(2)]
+    url = f"/v2/{NAME}/referrers/{image.digest}"
+    first = await fetch(client, f"{mirrors[0].url}{url}")
+    assert (first.status, first.headers["X-Mirror-Cache"]) == (200, "MISS")
+    second = await fetch(client, f"{mirrors[1].url}{url}")
+    assert (second.status, second.headers["X-Mirror-Cache"], second.body) == (200, "HIT", first.body)
+    assert fake.count("GET", "referrers") == 1
+
+    pulled = await fetch(client, manifest_url(mirrors[0], NAME, "latest"), headers={"Accept": ACCEPT})
+    assert pulled.status == 200
+    await mirrors[0].services.background.join()
+    asked = fake.count("GET", "blobs")
+    pulled = await fetch(client, manifest_url(mirrors[1], NAME, "latest"), headers={"Accept": ACCEPT})
+    assert pulled.status == 200 and fake.count("GET", "blobs") == asked, "the verdict was not computed again"
+    assert 'mirror_signature_checks_total{policy="release-signed",result="cached"} 1.0' in (
+        await fetch(client, f"{mirrors[1].url}/metrics")).body.decode()

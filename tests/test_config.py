@@ -19,10 +19,12 @@ from mirror.config import (
     Overrides,
     S3Config,
     S3Location,
+    SignaturePolicy,
     TlsConfig,
     load,
 )
 from mirror.errors import ConfigError
+from tests.support.cosign import make_key, public_pem
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +81,36 @@ def test_example_cluster_block_loads_when_uncommented(tmp_path: Path) -> None:
     assert config.storage == S3Location("image-cache", "mirror")
     assert config.s3 == S3Config("http://seaweedfs:8333", "us-east-1", "mirror", "change-me")
     assert (config.redis, config.advertise) == ("redis://redis:6379/0", "http://10.0.0.7:5000")
+
+
+def test_example_signature_policy_loads_when_uncommented(tmp_path: Path) -> None:
+    text = (ROOT / "config.example.yaml").read_text()
+    start, end = text.index("#SIGNATURES-BEGIN\n") + len("#SIGNATURES-BEGIN\n"), text.index("#SIGNATURES-END")
+    block = "\n".join(line.removeprefix("#") for line in text[start:end].splitlines())
+    key = tmp_path / "release.pub"
+    key.write_bytes(public_pem(make_key()))
+    config = load(write(tmp_path, text[:start] + block.replace("/etc/mirror/keys/release.pub", str(key)) + "\n"
+                        + text[end:]), environ={})
+    assert config.signature_policies == (SignaturePolicy("release-signed", (key,), ("ghcr.io",), ("acme/*",)),)
+
+
+@pytest.mark.parametrize(("policy", "message"), [
+    ({"keys": ["KEY"]}, "signature_policies[0].name: a signature policy needs a name"),
+    ({"name": "p"}, "signature_policies[0].keys: expected a list of paths"),
+    ({"name": "p", "keys": ["/nonexistent/key.pub"]}, "signature_policies[0].keys[0]:"),
+    ({"name": "p", "keys": ["NOTAKEY"]}, "signature_policies[0].keys[0]:"),
+    ({"name": "p", "keys": ["KEY"], "upstreams": ["quay.io"]}, "'quay.io' is not a configured upstream"),
+    ({"name": "p", "keys": ["KEY"], "repositories": []}, "expected a list of repository patterns"),
+    ({"name": "p", "keys": ["KEY"], "typo": 1}, "signature_policies[0].typo: unknown key"),
+])
+def test_bad_signature_policies_are_refused_naming_the_key(tmp_path: Path, policy: dict[str, object],
+                                                           message: str) -> None:
+    (tmp_path / "key.pub").write_bytes(public_pem(make_key()))
+    (tmp_path / "not.pub").write_text("not a key")
+    text = yaml.safe_dump({"signature_policies": [policy]})
+    text = text.replace("NOTAKEY", str(tmp_path / "not.pub")).replace("KEY", str(tmp_path / "key.pub"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(write(tmp_path, text), environ={})
 
 
 @pytest.mark.parametrize(("settings", "message"), [

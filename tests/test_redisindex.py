@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from mirror import redisindex
 from mirror.errors import CacheWriteError
@@ -301,6 +302,113 @@ async def test_candidates_are_found_past_many_that_may_not_go(backend: Backend,
     assert await index.expired_candidates({UP: 6.5}, 10) == [(free[0], 5), (free[1], 6)]
 
 
+async def test_a_referrers_list_hangs_from_its_subject_until_replaced(backend: Backend) -> None:
+    index = backend.index
+    subject, old, new, signature = digest("subject"), digest("old list"), digest("new list"), digest("signature")
+    await index.add_manifest(UP, "lib/x", subject, OCI_MANIFEST, [])
+    await index.add_manifest(UP, "lib/x", old, OCI_INDEX, [signature])
+    await index.add_manifest(UP, "lib/x", new, OCI_INDEX, [signature])
+    await add_blobs(backend, (subject, 1, 1.0), (old, 2, 2.0), (new, 3, 3.0), (signature, 4, 4.0))
+    assert await index.referrers(UP, "lib/x", subject) is None
+
+    await index.set_referrers(UP, "lib/x", subject, TagRecord(old, 1.5))
+    assert await index.referrers(UP, "lib/x", subject) == TagRecord(old, 1.5)
+    assert await index.referrers(UP, "lib/y", subject) is None, "a record is per repository"
+    assert await index.referrers(OTHER, "lib/x", subject) is None
+    assert await index.parents(old) == [subject]
+    assert await index.eviction_candidates(10) == [(subject, 1), (new, 3)]
+
+    await index.set_referrers(UP, "lib/x", subject, TagRecord(new, 2.5))
+    assert await index.referrers(UP, "lib/x", subject) == TagRecord(new, 2.5)
+    assert await index.parents(old) == [], "the replaced list hangs from nothing"
+    assert await index.parents(new) == [subject]
+    assert await index.eviction_candidates(10) == [(subject, 1), (old, 2)]
+    assert await index.evictable([old, new]) == [(old, 2)]
+
+    await index.set_referrers(UP, "lib/x", subject, TagRecord(new, 3.5))
+    assert await index.referrers(UP, "lib/x", subject) == TagRecord(new, 3.5), "checked again, the same list"
+    assert await index.parents(new) == [subject]
+    assert await index.forget(subject) == [new], "the list is free to go with it"
+    assert await index.eviction_candidates(10) == [(old, 2), (new, 3)]
+
+
+async def test_a_list_two_repositories_share_hangs_until_both_replace_it(backend: Backend) -> None:
+    index = backend.index
+    subject, shared, x_list, y_list = digest("subject"), digest("shared"), digest("x's"), digest("y's")
+    await add_blobs(backend, (subject, 1, 1.0), (shared, 2, 2.0), (x_list, 3, 3.0), (y_list, 4, 4.0))
+    await index.set_referrers(UP, "lib/x", subject, TagRecord(shared, 1.0))
+    await index.set_referrers(UP, "lib/y", subject, TagRecord(shared, 1.0))
+
+    await index.set_referrers(UP, "lib/x", subject, TagRecord(x_list, 2.0))
+    assert await index.parents(shared) == [subject], "lib/y still uses it"
+    assert await index.evictable([shared, x_list]) == []
+    assert await index.referrers(UP, "lib/y", subject) == TagRecord(shared, 1.0)
+
+    await index.set_referrers(UP, "lib/y", subject, TagRecord(y_list, 2.0))
+    assert await index.parents(shared) == []
+    assert await index.evictable([shared, x_list, y_list]) == [(shared, 2)]
+    assert await index.eviction_candidates(10) == [(subject, 1), (shared, 2)]
+
+
+async def test_an_attachment_goes_with_its_subject(backend: Backend) -> None:
+    index = backend.index
+    subject, signature, sbom = digest("subject"), digest("signature"), digest("sbom")
+    await index.add_manifest(UP, "lib/x", subject, OCI_MANIFEST, [])
+    await add_blobs(backend, (subject, 1, 1.0), (signature, 2, 2.0), (sbom, 3, 3.0))
+    await index.attach(subject, signature)
+    await index.attach(subject, signature)
+    await index.attach(subject, sbom)
+    assert await index.parents(signature) == [subject]
+    assert await index.evictable([signature, sbom]) == []
+    assert await index.eviction_candidates(10) == [(subject, 1)]
+
+    assert await index.pin(subject)
+    assert await index.eviction_candidates(10) == [], "pinned with it"
+    assert await index.pin(subject, False)
+    assert set(await index.forget(subject)) == {signature, sbom}
+    assert await index.parents(signature) == []
+    assert await index.evictable([signature, sbom]) == [(signature, 2), (sbom, 3)]
+
+
+async def test_verdicts_are_kept_per_subject_signature_and_keyring(index: Index) -> None:
+    subject, signature, other = digest("subject"), digest("signature"), digest("other signature")
+    assert await index.verdict(subject, signature, "keys-1") is None
+    await index.set_verdict(subject, signature, "keys-1", True)
+    await index.set_verdict(subject, other, "keys-1", False)
+    assert await index.verdict(subject, signature, "keys-1") is True
+    assert await index.verdict(subject, other, "keys-1") is False
+    assert await index.verdict(subject, signature, "keys-2") is None, "another key set was never asked"
+    assert await index.verdict(other, signature, "keys-1") is None
+    await index.set_verdict(subject, signature, "keys-1", False)
+    assert await index.verdict(subject, signature, "keys-1") is False
+
+
+async def test_forget_drops_referrers_and_verdicts_naming_it(index: Index) -> None:
+    subject, other, listed, kept = digest("subject"), digest("other subject"), digest("list"), digest("kept list")
+    signature, other_signature = digest("signature"), digest("other signature")
+    await index.set_referrers(UP, "lib/x", subject, TagRecord(listed, 1.0))
+    await index.set_referrers(UP, "lib/y", subject, TagRecord(kept, 1.0))
+    await index.set_referrers(UP, "lib/x", other, TagRecord(listed, 1.0))
+    await index.set_referrers(UP, "lib/y", other, TagRecord(kept, 1.0))
+    await index.set_verdict(subject, signature, "keys", True)
+    await index.set_verdict(other, signature, "keys", True)
+    await index.set_verdict(other, other_signature, "keys", False)
+
+    assert set(await index.forget(subject)) == {listed, kept}
+    assert await index.referrers(UP, "lib/x", subject) is None
+    assert await index.referrers(UP, "lib/y", subject) is None
+    assert await index.verdict(subject, signature, "keys") is None
+    assert await index.verdict(other, signature, "keys") is True, "another subject's verdict stays"
+
+    await index.forget(listed)
+    assert await index.referrers(UP, "lib/x", other) is None, "its list is gone"
+    assert await index.referrers(UP, "lib/y", other) == TagRecord(kept, 1.0)
+
+    await index.forget(signature)
+    assert await index.verdict(other, signature, "keys") is None
+    assert await index.verdict(other, other_signature, "keys") is False
+
+
 # Redis only: one index for every replica
 
 
@@ -330,6 +438,34 @@ async def test_replicas_on_one_redis_see_each_other(redis_server: RedisServer) -
     finally:
         for index in (one, two, elsewhere):
             await index.close()
+
+
+async def test_forget_leaves_no_referrers_or_verdict_bookkeeping(redis_server: RedisServer) -> None:
+    """The per-digest sets that make `forget` cheap go with what they name, or Redis grows forever."""
+    index = RedisIndex(redis_server.url)
+    await index.open()
+    try:
+        subject, shared, replacing, signature = digest("subject"), digest("shared"), digest("new"), digest("sig")
+        other, its_list = digest("other subject"), digest("its list")
+        await index.set_referrers(UP, "lib/x", subject, TagRecord(shared, 1.0))
+        await index.set_referrers(UP, "lib/y", subject, TagRecord(shared, 1.0))
+        await index.set_referrers(UP, "lib/x", subject, TagRecord(replacing, 2.0))
+        await index.set_referrers(UP, "lib/y", subject, TagRecord(replacing, 2.0))
+        await index.set_referrers(UP, "lib/x", other, TagRecord(its_list, 1.0))
+        await index.set_verdict(subject, signature, "keys", True)
+        await index.set_verdict(shared, signature, "keys", True)
+        await index.set_verdict(its_list, its_list, "keys", False)
+        await index.forget(subject)  # its list stays
+        await index.forget(its_list)  # before its subject
+        await index.forget(other)
+        await index.forget(signature)  # shared stays
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            assert [key async for key in client.scan_iter("mirror:*")] == []
+        finally:
+            await client.aclose()
+    finally:
+        await index.close()
 
 
 # Redis out of reach: slower, never failing
@@ -389,6 +525,11 @@ async def test_redis_stopped_answers_as_if_nothing_were_cached(redis_server: Red
         index.touch(top)
         await index.flush_access()
         assert not await index.forget(top)
+        assert await index.referrers(UP, "lib/x", top) is None
+        assert await index.verdict(top, layer, "keys") is None
+        await index.set_referrers(UP, "lib/x", top, TagRecord(layer, 2.0))
+        await index.attach(top, layer)
+        await index.set_verdict(top, layer, "keys", True)
         assert time.monotonic() - started < 0.1, "with the breaker open, nothing waits for Redis"
 
         with pytest.raises(CacheWriteError):

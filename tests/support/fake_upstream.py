@@ -1,11 +1,14 @@
 """A scriptable in-process registry for faults a real one cannot produce on demand: the token
 flow with a counting token endpoint, a CDN on another origin that rejects Authorization, a
-wrong digest, a connection dropped mid-blob, a pause until the test says go, a 429."""
+wrong digest, a connection dropped mid-blob, a pause until the test says go, a 429; and the
+referrers API, which the real one (distribution 2.8) lacks."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +17,11 @@ from typing import Literal
 from aiohttp import encode_basic_auth, web
 from aiohttp.test_utils import TestServer
 
+from tests.support.artifacts import referrer_descriptor
+from tests.support.images import OCI_INDEX
+
 CHUNK = 256 * 1024
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
 
 
 @dataclass
@@ -71,6 +78,14 @@ class FakeUpstream:
     """The token realm to advertise instead of this registry's own /token."""
     cdn_challenge: str | None = None
     """A WWW-Authenticate the CDN answers every request with (a 401)."""
+    referrers: dict[tuple[str, str], list[dict[str, object]]] = field(default_factory=dict)
+    """(name, subject digest) -> the descriptors the referrers API lists, in order."""
+    referrers_api: bool = False
+    """Serve GET /v2/<name>/referrers/<digest>; off, it is a 404 as on distribution 2.8."""
+    referrers_filter: bool = True
+    """Apply ?artifactType= (and say so in OCI-Filters-Applied); off, a registry that ignores it."""
+    referrers_page_size: int | None = None
+    """At most this many descriptors per referrers page, the rest behind a Link rel="next"."""
     url: str = ""
     cdn_url: str = ""
     _tokens: set[str] = field(default_factory=set)
@@ -85,6 +100,17 @@ class FakeUpstream:
         self.manifests[(name, tag)] = (body, media_type)
         self.manifests[(name, digest)] = (body, media_type)
         return digest
+
+    def add_referrer(self, name: str, subject: str, manifest_body: bytes,
+                     artifact_type: str | None = None) -> dict[str, object]:
+        """Serve the referrer manifest by digest and list it under ``subject``; ``artifact_type``
+        overrides the one the spec derives from the manifest (a registry's summary may differ)."""
+        descriptor = referrer_descriptor(manifest_body)
+        if artifact_type is not None:
+            descriptor["artifactType"] = artifact_type
+        self.add_manifest(name, str(descriptor["digest"]), manifest_body, str(descriptor["mediaType"]))
+        self.referrers.setdefault((name, subject), []).append(descriptor)
+        return descriptor
 
     def count(self, method: str | None = None, kind: str | None = None) -> int:
         return sum(n for (m, path), n in self.requests.items()
@@ -174,6 +200,8 @@ class FakeUpstream:
                 await response.write_eof()
                 return response
             return web.Response(body=body, headers=headers)
+        if kind == "referrers" and self.referrers_api:
+            return self._referrers(request, name, rest)
         if kind == "blobs":
             if rest not in self.blobs:
                 return web.json_response({"errors": [{"code": "BLOB_UNKNOWN", "message": "no"}]}, status=404)
@@ -184,6 +212,35 @@ class FakeUpstream:
                 raise web.HTTPTemporaryRedirect(f"{self.cdn_url}/cdn/{rest}?sig=abc")
             return await self._send_blob(request, rest)
         return web.json_response({"errors": [{"code": "NOT_FOUND", "message": "no"}]}, status=404)
+
+    def _referrers(self, request: web.Request, name: str, digest: str) -> web.Response:
+        """The referrers API: never a 404 (an unknown subject has none), a 400 for a bad digest, the
+        artifactType filter, and pages resumed after the digest in ``last``."""
+        if not DIGEST.fullmatch(digest):
+            return web.json_response({"errors": [{"code": "DIGEST_INVALID", "message": "invalid digest"}]},
+                                     status=400)
+        listed = self.referrers.get((name, digest), [])
+        headers = {"Content-Type": OCI_INDEX}
+        wanted = request.query.get("artifactType")
+        if wanted is not None and self.referrers_filter:
+            listed = [entry for entry in listed if entry.get("artifactType") == wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        if "last" in request.query:
+            digests = [entry["digest"] for entry in listed]
+            if request.query["last"] not in digests:
+                return web.json_response({"errors": [{"code": "UNSUPPORTED", "message": "unknown last"}]},
+                                         status=400)
+            listed = listed[digests.index(request.query["last"]) + 1:]
+        size = self.referrers_page_size
+        if size is not None and len(listed) > size:
+            listed = listed[:size]
+            query = {"n": str(size), "last": str(listed[-1]["digest"])}
+            if wanted is not None:
+                query["artifactType"] = wanted
+            next_url = request.rel_url.with_query(query)
+            headers["Link"] = f'<{next_url}>; rel="next"'
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed})
+        return web.Response(body=body.encode(), headers=headers)
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         self.cdn_requests.append(request.headers.get("Authorization"))
