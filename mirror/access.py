@@ -15,6 +15,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from mirror.activity import Failure
+from mirror.errors import MirrorError
 from mirror.metrics import KINDS, Metrics
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -22,6 +24,10 @@ ROUTE = web.RequestKey("route", str)
 """The route label: manifest, blob, tags, base, token or ops."""
 UPSTREAM = web.RequestKey("upstream", str)
 """The name of the upstream the request went to."""
+IMAGE = web.RequestKey("image", tuple[str, str])
+"""The repository and reference (tag or digest) a registry request named."""
+ERROR = web.RequestKey("error", MirrorError)
+"""The error a request was answered with."""
 USER = web.RequestKey("user", str)
 """The user the request authenticated as."""
 SENT = web.RequestKey("sent", int)
@@ -53,6 +59,8 @@ class AccessLogger(AbstractAccessLogger):
         cache = response.headers.get(CACHE_HEADER)
         if self.metrics is not None:
             _count(self.metrics, request.method, route, response.status, sent, cache, time)
+            if UPSTREAM in request:
+                _record(self.metrics, request, route, response.status, sent, cache)
         if self.logger.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {
                 "remote": request.remote or "-", "user": request.get(USER), "method": request.method,
@@ -84,6 +92,27 @@ def _count(metrics: Metrics, method: str, route: str, status: int, sent: int, ca
             metrics.coalesced.labels(route).inc()
     if status < 400 and route in ("manifest", "blob", "tags"):
         metrics.served_bytes.labels("upstream" if cache in (None, "MISS") else "cache").inc(sent)
+
+
+def _record(metrics: Metrics, request: web.BaseRequest, route: str, status: int, sent: int,
+            cache: str | None) -> None:
+    """The request in the status page's activity, under the conditions `_count` counts it."""
+    upstream = request[UPSTREAM]
+    name, reference = request.get(IMAGE, ("", ""))
+    from_cache = cache not in (None, "MISS")
+    body = sent if status < 400 and route in ("manifest", "blob", "tags") else 0
+    metrics.activity.served(upstream, cache is not None and route in KINDS, from_cache,
+                            body if from_cache else 0, 0 if from_cache else body)
+    if route == "manifest" and status == 200 and request.method == "GET":
+        metrics.activity.pulled(upstream, name, reference)
+    if status >= 400 and status != 401 and (error := request.get(ERROR)) is not None:
+        # 401s are the login handshake, not failures.
+        metrics.activity.failed(Failure(_now(), upstream, name, reference, route, status, error.code,
+                                        error.message))
+
+
+def _now() -> float:
+    return datetime.now(UTC).timestamp()
 
 
 def _common_log_line(fields: dict[str, Any]) -> str:

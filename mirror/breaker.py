@@ -93,6 +93,12 @@ class Breaker:
         """Told (seconds, reason) when this upstream starts rate-limiting: the other replicas
         hold off too."""
 
+    def condition(self) -> tuple[str, str | None]:
+        """`ok`, `degraded` (failing: not asked, or asked by one probe) or `rate-limited`, and why."""
+        if self.state is State.CLOSED:
+            return "ok", None
+        return ("rate-limited" if self._rate_limited else "degraded"), self._reason
+
     def hold(self, wait: float, reason: str) -> None:
         """Another replica was rate-limited by this upstream for `wait` s: do not ask it either."""
         if self.state is State.OPEN and self._until >= self._clock() + wait:

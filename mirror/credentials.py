@@ -116,6 +116,10 @@ class CredentialSource(Protocol):
     def describe(self) -> str:
         """What the credentials come from, for logs and errors (never a secret)."""
 
+    @property
+    def expires(self) -> float | None:
+        """When the current credential expires (epoch seconds); None: it does not, or none is held yet."""
+
 
 def credential_source(upstream: UpstreamConfig) -> CredentialSource | None:
     spec = upstream.credentials
@@ -147,6 +151,10 @@ class StaticSource:
     def rejected(self, credential: Credential) -> bool:
         return False
 
+    @property
+    def expires(self) -> float | None:
+        return None
+
     def describe(self) -> str:
         return self._what
 
@@ -170,6 +178,10 @@ class DockerConfigSource:
         self._credential: Credential | None = None
         self._valid_until: float | None = None
         """Monotonic time a helper's answer is good until; None for the file's own entries."""
+
+    @property
+    def expires(self) -> float | None:
+        return None
 
     def describe(self) -> str:
         return f"Docker config {self._path}"
@@ -322,6 +334,10 @@ class RefreshingSource(ABC):
                 else:
                     log.info("%s: new credential, valid for %.0f s", self.describe(), current.expires - wall_clock())
             return current.credential
+
+    @property
+    def expires(self) -> float | None:
+        return None if self._issued is None else self._issued.expires
 
     def rejected(self, credential: Credential) -> bool:
         if self._issued is not None and self._issued.credential == credential:

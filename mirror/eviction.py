@@ -148,5 +148,6 @@ class Evictor:
         self.blobs -= 1
         self._metrics.evictions.labels(reason).inc()
         self._metrics.evicted_bytes.labels(reason).inc(size)
+        self._metrics.activity.evicted(size)
         evicted.append(Evicted(digest, size))
         return released

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Hashable, Iterator
 from typing import Any, BinaryIO, Generic, TypeVar
 
 from mirror.errors import MirrorError, Unavailable
@@ -106,8 +107,13 @@ class Coalescer(Generic[K, V]):
 class Fill:
     """One blob on its way from the upstream into the store."""
 
-    def __init__(self, digest: Digest, store: BlobStore) -> None:
+    def __init__(self, digest: Digest, store: BlobStore, origin: tuple[str, str] = ("", "")) -> None:
         self.digest = digest
+        self.origin = origin
+        """The upstream and repository it is downloaded for."""
+        self.started_at = time.time()
+        self.readers = 0
+        """Client responses streaming from it right now."""
         self._store = store
         self._writer: BlobWriter | None = None
         self._publishing = True
@@ -221,21 +227,25 @@ class Fill:
         blob is verified."""
         await self.started()
         position = start
-        while True:
-            verified = self._verified.done()
-            if verified and (error := self._verified.exception()) is not None:
-                raise error
-            limit = self.written if end is None else min(self.written, end)
-            if not verified:
-                limit -= 1
-            if position < limit:
-                count = min(limit - position, WINDOW)
-                yield file, position, count
-                position += count
-            elif verified:
-                return
-            else:
-                await self._progress.wait()
+        self.readers += 1
+        try:
+            while True:
+                verified = self._verified.done()
+                if verified and (error := self._verified.exception()) is not None:
+                    raise error
+                limit = self.written if end is None else min(self.written, end)
+                if not verified:
+                    limit -= 1
+                if position < limit:
+                    count = min(limit - position, WINDOW)
+                    yield file, position, count
+                    position += count
+                elif verified:
+                    return
+                else:
+                    await self._progress.wait()
+        finally:
+            self.readers -= 1
 
 
 class Fills:
@@ -252,8 +262,12 @@ class Fills:
     def active(self, digest: Digest) -> Fill | None:
         return self._fills.get(digest)
 
-    def start(self, digest: Digest, download: Callable[[Fill], Awaitable[None]]) -> Fill:
-        fill = Fill(digest, self._store)
+    def __iter__(self) -> Iterator[Fill]:
+        return iter(list(self._fills.values()))
+
+    def start(self, digest: Digest, download: Callable[[Fill], Awaitable[None]],
+              origin: tuple[str, str] = ("", "")) -> Fill:
+        fill = Fill(digest, self._store, origin)
         self._fills[digest] = fill
         self._background.spawn(self._run(fill, download), name=f"fill {digest}")
         return fill

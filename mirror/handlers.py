@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from mirror.access import CACHE_HEADER, ROUTE, SENT, UPSTREAM
+from mirror.access import CACHE_HEADER, ERROR, IMAGE, ROUTE, SENT, UPSTREAM
 from mirror.cluster import FILL_PATH, SIZE_HEADER, TOKEN_HEADER, Cluster, check_token
 from mirror.errors import (
     BlobUnknown,
@@ -61,6 +61,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except MirrorError as error:
+        request[ERROR] = error
         return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -101,6 +102,7 @@ class RegistryHandlers:
         route = self._router.resolve(path, request.query.get("ns"), named)
         request[ROUTE] = route.endpoint.value if route.endpoint is not Endpoint.UPLOAD else "other"
         request[UPSTREAM] = route.upstream.name
+        request[IMAGE] = (route.name, str(route.reference) if route.reference is not None else "")
         if request.method not in ("GET", "HEAD") or route.endpoint is Endpoint.UPLOAD:
             raise Unsupported(f"{request.method} is not supported: this is a read-only pull-through mirror")
         if self._gate is not None:

@@ -18,6 +18,7 @@ from prometheus_client import (
 )
 
 from mirror import __version__
+from mirror.activity import Activity
 
 KINDS = ("manifest", "blob")
 RESULTS = ("hit", "miss", "joined", "revalidated", "revalidating", "stale")
@@ -28,6 +29,8 @@ _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 
 class Metrics:
     def __init__(self) -> None:
+        self.activity = Activity()
+        """The same events by upstream, repository and minute, for the status page."""
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         Gauge("mirror_build_info", "The running version, as a label.", ["version"],
@@ -115,11 +118,15 @@ class Metrics:
 
     def observe_rate_limit(self, upstream: str, headers: Mapping[str, str]) -> None:
         """Docker Hub's `ratelimit-limit: 100;w=21600` and `ratelimit-remaining: 76;w=21600`."""
+        said: list[int | None] = []
         for header, gauge in (("ratelimit-remaining", self.ratelimit_remaining),
                               ("ratelimit-limit", self.ratelimit_limit)):
             value = headers.get(header, "").partition(";")[0].strip()
+            said.append(int(value) if value.isdigit() else None)
             if value.isdigit():
                 gauge.labels(upstream).set(int(value))
+        if said[0] is not None:
+            self.activity.rate_limits[upstream] = (said[0], said[1])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

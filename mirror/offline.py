@@ -15,7 +15,7 @@ from mirror.config import UpstreamConfig
 from mirror.errors import BlobUnknown, ManifestUnknown, MirrorError, NameUnknown, Unavailable
 from mirror.metrics import Metrics
 from mirror.oci import Digest
-from mirror.upstream import BlobSink, Head, Manifest
+from mirror.upstream import BlobSink, Condition, Head, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class OfflineUpstream:
         self._cached_tags = cached_tags
         self._explain = explain
         self._misses = metrics.offline_misses
+
+    def condition(self) -> Condition:
+        return Condition("offline", "configured offline: only what is cached is served")
 
     async def head(self, kind: str, name: str, reference: str, accept: str | None = None) -> Head:
         await self._miss(kind, name, reference)

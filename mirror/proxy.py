@@ -382,7 +382,8 @@ class Proxy:
             fill = self.fills.active(digest)
             if fill is None:
                 self._store.spool.ensure_room()
-                fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f))
+                fill = self.fills.start(digest, lambda f: self._download_blob(upstream, route.name, f),
+                                        (upstream.name, route.name))
             await fill.started()
             await self._best_effort(self._index.link(upstream.name, route.name, digest))
             if (file := fill.reader()) is not None:

@@ -110,6 +110,18 @@ class Head:
     size: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """How an upstream is doing, for operators."""
+
+    state: str
+    """`ok`, `degraded` (failing: cached content is served stale), `rate-limited` or `offline`."""
+    reason: str | None = None
+    credentials: str | None = None
+    """Where the mirror's credentials for it come from (never the secret)."""
+    credentials_expire: float | None = None
+
+
 class Source(Protocol):
     """Where the proxy gets what it has not cached: an online upstream, or the offline one that
     answers "not cached" without any traffic."""
@@ -126,6 +138,8 @@ class Source(Protocol):
     async def get_referrers(self, name: str, subject: Digest) -> list[dict[str, object]] | None:
         """Every referrer of `subject` the upstream's referrers API lists (all pages, unfiltered);
         None where the upstream has no referrers API (it answers 404, as the spec says)."""
+
+    def condition(self) -> Condition: ...
 
 
 def scope_for(name: str) -> str:
@@ -163,6 +177,12 @@ class Upstream:
 
     async def _credential(self) -> Credential | None:
         return None if self._credentials is None else await self._credentials.get()
+
+    def condition(self) -> Condition:
+        state, reason = self.breaker.condition()
+        if self._credentials is None:
+            return Condition(state, reason)
+        return Condition(state, reason, self._credentials.describe(), self._credentials.expires)
 
     def _refused(self, credential: Credential) -> bool:
         """Tell the source the upstream refused `credential`; True if it may have another to try."""
@@ -228,7 +248,7 @@ class Upstream:
         try:
             response = await session.request(method, url, headers=headers, params=params)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self._observe(method, None, started)
+            self._observe(method, None, started, f"no answer: {type(exc).__name__}")
             self.breaker.failed(ticket, f"no answer: {type(exc).__name__}")
             raise Unavailable(f"upstream {self.name} is unreachable: {type(exc).__name__}") from exc
         finally:
@@ -237,10 +257,13 @@ class Upstream:
         self.breaker.answered(ticket, response.status, response.headers)
         return response
 
-    def _observe(self, method: str, response: aiohttp.ClientResponse | None, started: float) -> None:
+    def _observe(self, method: str, response: aiohttp.ClientResponse | None, started: float,
+                 reason: str | None = None) -> None:
         status = "error" if response is None else str(response.status)
+        seconds = time.monotonic() - started
         self._metrics.upstream_requests.labels(self.name, method, status).inc()
-        self._metrics.upstream_seconds.labels(self.name, method).observe(time.monotonic() - started)
+        self._metrics.upstream_seconds.labels(self.name, method).observe(seconds)
+        self._metrics.activity.asked(self.name, None if response is None else response.status, seconds, reason)
         if response is not None:
             if response.status == 429:
                 self._metrics.rate_limited.labels(self.name).inc()
