@@ -106,6 +106,13 @@ WITH RECURSIVE tree(digest) AS (
 )
 SELECT COUNT(blobs.digest), COALESCE(SUM(blobs.size), 0) FROM tree JOIN blobs ON blobs.digest = tree.digest
 """
+# Everything pinned manifests keep, each blob once.
+_PINNED_TREE = """
+WITH RECURSIVE tree(digest) AS (
+    SELECT digest FROM blobs WHERE pinned UNION SELECT refs.child FROM refs JOIN tree ON refs.parent = tree.digest
+)
+SELECT COUNT(blobs.digest), COALESCE(SUM(blobs.size), 0) FROM tree JOIN blobs ON blobs.digest = tree.digest
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +135,7 @@ class CachedImage:
     """Bytes on disk for the manifest and everything it reaches (shared blobs count in full)."""
     last_pulled: float | None
     checked_at: float
+    pinned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +222,12 @@ class Index(Protocol):
         """Keep a manifest (and all it references) from eviction; False if it is not cached."""
 
     async def is_linked(self, upstream: str, name: str, digest: Digest) -> bool: ...
+    async def images(self) -> list[CachedImage]:
+        """Every cached tag, with the size of all its manifest reaches."""
+    async def set_pinned(self, upstream: str, name: str, reference: str, pinned: bool) -> str | None:
+        """Pin (or unpin) a cached image by tag or digest: its manifest's digest, or None if it is not cached."""
+    async def pinned_usage(self) -> tuple[int, int]:
+        """(blobs, bytes) that pinned images keep, each blob once."""
     async def link(self, upstream: str, name: str, digest: Digest) -> None: ...
 
     async def record_miss(self, upstream: str, name: str, reference: str, kind: str) -> None:
@@ -568,6 +582,28 @@ class SqliteIndex:
         await self._run(lambda: self.db.execute("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", key))
         self._links[key] = True
 
+    async def copy(self, path: Path) -> Path:
+        """A consistent copy of the database at `path` (for a dry run), taken while it serves."""
+        def backup() -> None:
+            with sqlite3.connect(path) as target:
+                self.db.backup(target)
+            target.close()
+        await self._run(backup)
+        return path
+
+    async def images(self) -> list[CachedImage]:
+        await self.flush_access()
+        return await self._run(lambda: _images(self.db))
+
+    async def set_pinned(self, upstream: str, name: str, reference: str, pinned: bool) -> str | None:
+        return await self._run(lambda: _set_pinned(self.db, upstream, name, reference, pinned))
+
+    async def pinned_usage(self) -> tuple[int, int]:
+        def query() -> tuple[int, int]:
+            count, size = self.db.execute(_PINNED_TREE).fetchone()
+            return int(count), int(size)
+        return await self._run(query)
+
 
 def _index_detail(error: sqlite3.Error) -> str:
     if "full" in str(error):
@@ -580,17 +616,22 @@ def cached_images(path: Path) -> list[CachedImage]:
     commands, which may run beside a serving mirror (WAL lets them read while it writes)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = db.execute(
-            "SELECT tags.upstream, tags.name, tags.tag, tags.digest, manifests.media_type, tags.checked_at, "
-            "blobs.last_access FROM tags JOIN manifests ON manifests.digest = tags.digest "
-            "LEFT JOIN blobs ON blobs.digest = tags.digest ORDER BY tags.upstream, tags.name, tags.tag").fetchall()
-        images = []
-        for upstream, name, tag, digest, media_type, checked_at, last_access in rows:
-            count, size = db.execute(_TREE, {"root": digest}).fetchone()
-            images.append(CachedImage(upstream, name, tag, digest, media_type, count, size, last_access, checked_at))
-        return images
+        return _images(db)
     finally:
         db.close()
+
+
+def _images(db: sqlite3.Connection) -> list[CachedImage]:
+    rows = db.execute(
+        "SELECT tags.upstream, tags.name, tags.tag, tags.digest, manifests.media_type, tags.checked_at, "
+        "blobs.last_access, COALESCE(blobs.pinned, 0) FROM tags JOIN manifests ON manifests.digest = tags.digest "
+        "LEFT JOIN blobs ON blobs.digest = tags.digest ORDER BY tags.upstream, tags.name, tags.tag").fetchall()
+    images = []
+    for upstream, name, tag, digest, media_type, checked_at, last_access, pinned in rows:
+        count, size = db.execute(_TREE, {"root": digest}).fetchone()
+        images.append(CachedImage(upstream, name, tag, digest, media_type, count, size, last_access, checked_at,
+                                  bool(pinned)))
+    return images
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,15 +662,19 @@ def set_pinned(path: Path, upstream: str, name: str, reference: str, pinned: boo
     not cached. Pinning the manifest protects everything it references from eviction."""
     db = sqlite3.connect(path, timeout=30)
     try:
-        with db:
-            if reference.startswith("sha256:"):
-                row = db.execute("SELECT digest FROM manifests WHERE digest = ?", (reference,)).fetchone()
-            else:
-                row = db.execute("SELECT digest FROM tags WHERE upstream = ? AND name = ? AND tag = ?",
-                                 (upstream, name, reference)).fetchone()
-            if row is None:
-                return None
-            updated = db.execute("UPDATE blobs SET pinned = ? WHERE digest = ?", (int(pinned), row[0])).rowcount
-            return str(row[0]) if updated else None
+        return _set_pinned(db, upstream, name, reference, pinned)
     finally:
         db.close()
+
+
+def _set_pinned(db: sqlite3.Connection, upstream: str, name: str, reference: str, pinned: bool) -> str | None:
+    with db:
+        if reference.startswith("sha256:"):
+            row = db.execute("SELECT digest FROM manifests WHERE digest = ?", (reference,)).fetchone()
+        else:
+            row = db.execute("SELECT digest FROM tags WHERE upstream = ? AND name = ? AND tag = ?",
+                             (upstream, name, reference)).fetchone()
+        if row is None:
+            return None
+        updated = db.execute("UPDATE blobs SET pinned = ? WHERE digest = ?", (int(pinned), row[0])).rowcount
+        return str(row[0]) if updated else None

@@ -625,16 +625,9 @@ class RedisIndex:
         if not roots:
             return []
         types = dict(zip(roots, _optional(await self._redis.hmget(f"{self._p}manifests", roots)), strict=True))
+        pinned = set(await _strs(self._redis.smembers(f"{self._p}pinned")))
         accessed = dict(zip(roots, await self._redis.zmscore(f"{self._p}access", roots), strict=True))
-        children: dict[str, list[str]] = {}
-        frontier = roots
-        while frontier:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for digest in frontier:
-                    pipe.smembers(f"{self._p}refs:{digest}")
-                found: list[set[str]] = await pipe.execute()
-            children.update(zip(frontier, (sorted(c) for c in found), strict=True))
-            frontier = sorted({c for cs in found for c in cs} - children.keys())
+        children = await self._trees(roots)
         nodes = list(children)
         sizes = dict(zip(nodes, _optional(await self._redis.hmget(f"{self._p}blobs", nodes)), strict=True))
         images = []
@@ -644,8 +637,32 @@ class RedisIndex:
             tree = _reachable(digest, children)
             held = [int(size) for d in tree if (size := sizes[d]) is not None]
             images.append(CachedImage(upstream, name, tag, digest, media_type, len(held), sum(held),
-                                      accessed[digest], float(checked_at)))
+                                      accessed[digest], float(checked_at), digest in pinned))
         return images
+
+    async def _trees(self, roots: list[str]) -> dict[str, list[str]]:
+        """The children of every digest `roots` reach, a level per round trip."""
+        children: dict[str, list[str]] = {}
+        frontier = roots
+        while frontier:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for digest in frontier:
+                    pipe.smembers(f"{self._p}refs:{digest}")
+                found: list[set[str]] = await pipe.execute()
+            children.update(zip(frontier, (sorted(c) for c in found), strict=True))
+            frontier = sorted({c for cs in found for c in cs} - children.keys())
+        return children
+
+    async def pinned_usage(self) -> tuple[int, int]:
+        async def query() -> tuple[int, int]:
+            roots = sorted(await _strs(self._redis.smembers(f"{self._p}pinned")))
+            if not roots:
+                return 0, 0
+            nodes = list(await self._trees(roots))
+            held = [int(size) for size in _optional(await self._redis.hmget(f"{self._p}blobs", nodes))
+                    if size is not None]
+            return len(held), sum(held)
+        return await self._strict(query)
 
     async def misses(self) -> list[Miss]:
         """What an offline mirror could not serve, most asked first (as `recorded_misses`)."""

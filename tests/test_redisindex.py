@@ -279,6 +279,14 @@ async def test_operator_views(backend: Backend) -> None:
     assert await backend.set_pinned(UP, "lib/x", str(layer), True) is None, "a layer is no image"
     assert await backend.set_pinned(UP, "lib/x", "ghost", True) is None
 
+    # The same through the index itself, as a running mirror's admin API asks it.
+    assert [(i.tag, i.pinned) for i in await index.images()] == [("1", True), ("child", False)]
+    assert await index.pinned_usage() == (3, 1150)
+    assert await index.set_pinned(UP, "lib/x", "child", True) == str(child)
+    assert await index.pinned_usage() == (3, 1150), "what two pinned trees share counts once"
+    assert await index.set_pinned(UP, "lib/x", "1", False) == str(top)
+    assert await index.pinned_usage() == (2, 1050)
+
 
 async def test_operator_views_of_an_empty_index(backend: Backend) -> None:
     assert await backend.images() == []
