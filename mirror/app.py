@@ -20,6 +20,7 @@ from mirror.access import ACCESS_LOG, METRICS, AccessLogger
 from mirror.cluster import Cluster
 from mirror.config import Config
 from mirror.connections import GuardedSite
+from mirror.console import Console
 from mirror.errors import MirrorError
 from mirror.gate import Gate
 from mirror.handlers import PROXY, REFERRERS, SIGNATURES, ClusterHandlers, RegistryHandlers, errors_middleware
@@ -29,6 +30,7 @@ from mirror.ops import OpsHandlers
 from mirror.reload import Reloadable, reload_all, watch
 from mirror.routing import Router
 from mirror.services import Services, open_services
+from mirror.status import Status
 from mirror.tls import reload_certificate, server_context
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ UPSTREAM_READ_BUFFER = 4 << 20
 
 SERVICES = web.AppKey("services", Services)
 GATE = web.AppKey("gate", Gate)
+STATUS = web.AppKey("status", Status)
+CONSOLE = web.AppKey("console", Console)
 
 
 def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.Application:
@@ -61,6 +65,8 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         app.on_cleanup.append(close_gate)
     if config.redis is not None:
         ClusterHandlers(lambda: _cluster(app)).add_routes(app)
+    console = app[CONSOLE] = Console(config, gate, lambda: app[STATUS])
+    console.add_routes(app, config.path_prefix)
     RegistryHandlers(Router(config), gate).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -68,6 +74,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
             app[SERVICES] = services
             app[PROXY] = services.proxy
             app[REFERRERS] = services.referrers
+            app[STATUS] = Status(services, metrics)
             if services.signatures is not None:
                 app[SIGNATURES] = services.signatures
             metrics.downloads_in_flight.set_function(lambda: len(services.proxy.fills))
@@ -90,10 +97,11 @@ def _cluster(app: web.Application) -> Cluster:
 
 
 def create_ops_app(app: web.Application) -> web.Application:
-    """The /metrics, /healthz and /readyz of `app`, for a listener of their own."""
-    ops = web.Application()
+    """The /metrics, /healthz, /readyz and the status page of `app`, for a listener of their own."""
+    ops = web.Application(middlewares=[errors_middleware])
     ops[METRICS] = app[METRICS]
     OpsHandlers(app[METRICS], lambda: _readiness(app)).add_routes(ops)
+    app[CONSOLE].add_routes(ops)
     return ops
 
 

@@ -209,14 +209,22 @@ class Policy:
             return ANONYMOUS
         return Identity(user, frozenset(self._groups.get(user, ())))
 
-    def allows(self, identity: Identity, upstream: str, name: str) -> bool:
-        """The first rule naming this client and this repository decides; none: refused. With no
-        rules, authentication alone decides."""
+    def allows(self, identity: Identity, upstream: str, name: str, permission: str = "pull") -> bool:
+        """The first rule naming this client, this repository and `permission` decides; none:
+        refused. With no rules, authentication alone decides a pull, and nobody administers."""
+        return self._decide(identity, f"{upstream}/{name}", permission)
+
+    def allows_everywhere(self, identity: Identity, permission: str) -> bool:
+        """`permission` over the whole cache (gc, seeding): a rule whose pattern is `*` grants it."""
+        return self._decide(identity, "*", permission)
+
+    def _decide(self, identity: Identity, repository: str, permission: str) -> bool:
         if not self._rules:
-            return identity.user is not None or not self.required
-        repository, names = f"{upstream}/{name}", identity.names
+            return permission == "pull" and (identity.user is not None or not self.required)
+        names = identity.names
         for rule in self._rules:
-            if not names.isdisjoint(rule.who) and any(fnmatch.fnmatchcase(repository, p) for p in rule.repositories):
+            if (permission in rule.permissions and not names.isdisjoint(rule.who)
+                    and any(fnmatch.fnmatchcase(repository, p) for p in rule.repositories)):
                 return rule.allow
         return False
 

@@ -5,21 +5,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from mirror import __version__
 from mirror.bundle import BundleError, check_output, export, import_bundle, inventory, read_have
 from mirror.config import Config, Overrides, load, parse_size
 from mirror.errors import CacheBusy, ConfigError, MirrorError
 from mirror.imagelist import ImageSpec, from_arguments, load_list
-from mirror.index import Miss
+from mirror.index import CachedImage, Miss
 from mirror.logs import configure as configure_logs
-from mirror.routing import Router
+from mirror.remote import AdminClient
+from mirror.routing import Router, manifest_path
 from mirror.seeding import seed
 from mirror.services import build_store, cached_listing, evict_now, misses_listing, pin_image
 
@@ -57,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--redis", metavar="URL",
                         help="Redis shared by the replicas on one --storage (redis://HOST:6379/0)")
 
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--server", metavar="URL",
+                        help="act on a running mirror through its admin API (http://mirror:5000) instead of a "
+                             "cache directory")
+    remote.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="with --server: the mirror's admin token (its admin.token_file; or $MIRROR_TOKEN)")
+    remote.add_argument("--user", metavar="NAME",
+                        help="with --server: log in as this account, with the password in $MIRROR_PASSWORD")
+
     serve = commands.add_parser("serve", parents=[common], help="run the mirror", description="Run the mirror.",
                                 epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
@@ -84,21 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after SIGTERM, how long responses under way may take to finish (default 30s)")
     serve.add_argument("--advertise", metavar="URL",
                        help="how the other replicas reach this one (default: from --listen)")
+    serve.add_argument("--admin-token-file", metavar="FILE",
+                       help="a file holding the token that may use the admin API (pin, unpin, gc, seed)")
     serve.add_argument("--offline", action="store_true",
                        help="never contact an upstream (an air-gapped site): serve what is cached or imported, "
                             "tags as they are whatever their age, and record the rest as misses ($MIRROR_OFFLINE=1)")
 
-    ls = commands.add_parser("ls", parents=[common], help="list what is cached",
+    ls = commands.add_parser("ls", parents=[common, remote], help="list what is cached",
                              description="List the cached tags: repository, tag, digest, size on disk, "
-                                         "when last pulled and when last checked upstream. Safe to run "
-                                         "beside a serving mirror (access times lag by up to 10 s).")
+                                         "when last pulled and whether pinned. Safe to run beside a serving "
+                                         "mirror (access times lag by up to 10 s), or ask it with --server.")
     ls.add_argument("--json", action="store_true", help="one JSON array, for scripts")
 
-    gc = commands.add_parser("gc", parents=[common], help="evict down to the low watermark now",
+    gc = commands.add_parser("gc", parents=[common, remote], help="evict down to the low watermark now",
                              description="Run eviction now: content past its upstream's max_age goes, then "
                                          "least recently used content until the cache is under "
-                                         "eviction.low_watermark x max_size. A serving "
-                                         "mirror does this by itself, so gc refuses to run beside one; on a "
+                                         "eviction.low_watermark x max_size. On a cache directory a serving "
+                                         "mirror holds, gc refuses: ask the mirror with --server instead; on a "
                                          "cluster (--storage and --redis) it runs beside the replicas.")
     gc.add_argument("--max-size", metavar="SIZE", help="the disk budget, e.g. 50GiB (default: from the config)")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
@@ -159,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     misses.add_argument("--json", action="store_true", help="one JSON array, for scripts")
 
     for command, verb in (("pin", "Keep"), ("unpin", "Stop keeping")):
-        pin = commands.add_parser(command, parents=[common], help=f"{verb.lower()} a cached image whatever its age",
+        pin = commands.add_parser(command, parents=[common, remote],
+                                  help=f"{verb.lower()} a cached image whatever its age",
                                   description=f"{verb} a cached image (and everything it references) out of "
                                               "reach of eviction. The image must be cached: pull it through "
-                                              "the mirror first. Safe to run beside a serving mirror.")
+                                              "the mirror first. Safe to run beside a serving mirror, or ask it "
+                                              "with --server.")
         pin.add_argument("reference", metavar="IMAGE",
                          help="as a client names it: alpine:3.19, docker.io/library/alpine:3.19, "
                               "ghcr.io/owner/repo@sha256:...")
@@ -178,23 +195,29 @@ def collect(config: Config, dry_run: bool, as_json: bool) -> int:
     try:
         before, after, evicted = asyncio.run(evict_now(config, dry_run))
     except CacheBusy as exc:
-        print(f"mirror: {exc}; a serving mirror evicts by itself", file=sys.stderr)
+        print(f"mirror: {exc}; a serving mirror evicts by itself (gc --server URL asks it to now)", file=sys.stderr)
         return 1
-    if as_json:
-        print(json.dumps({"dry_run": dry_run, "usage_before": before, "usage_after": after,
-                          "evicted": [{"digest": str(e.digest), "size": e.size} for e in evicted]}, indent=2))
-        return 0
-    for entry in evicted:
-        print(f"{'would evict' if dry_run else 'evicted'} {entry.digest} {_human(entry.size)}")
-    budget = f" of {_human(config.eviction.max_size)}" if config.eviction.max_size else ""
-    print(f"{len(evicted)} blobs, {_human(before - after)}{' would be' if dry_run else ''} freed; "
-          f"cache {_human(after)}{budget}")
+    _print_gc({"dry_run": dry_run, "usage_before": before, "usage_after": after,
+               "evicted": [{"digest": str(e.digest), "size": e.size} for e in evicted]},
+              as_json, config.eviction.max_size)
     return 0
+
+
+def _print_gc(result: dict[str, Any], as_json: bool, budget: int | None = None) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    dry_run = result["dry_run"]
+    for entry in result["evicted"]:
+        print(f"{'would evict' if dry_run else 'evicted'} {entry['digest']} {_human(entry['size'])}")
+    of = f" of {_human(budget)}" if budget else ""
+    print(f"{len(result['evicted'])} blobs, {_human(result['usage_before'] - result['usage_after'])}"
+          f"{' would be' if dry_run else ''} freed; cache {_human(result['usage_after'])}{of}")
 
 
 def set_pin(config: Config, reference: str, pinned: bool, as_json: bool) -> int:
     try:
-        route = Router(config).resolve(_manifest_path(reference))
+        route = Router(config).resolve(manifest_path(reference))
     except MirrorError as exc:
         print(f"mirror: {exc.message}", file=sys.stderr)
         return 2
@@ -203,36 +226,66 @@ def set_pin(config: Config, reference: str, pinned: bool, as_json: bool) -> int:
         print(f"mirror: {route.upstream.name}/{route.name}:{route.reference} is not cached; pull it through "
               "the mirror first", file=sys.stderr)
         return 1
-    if as_json:
-        print(json.dumps({"upstream": route.upstream.name, "name": route.name, "digest": digest, "pinned": pinned}))
-    else:
-        print(f"{'pinned' if pinned else 'unpinned'} {route.upstream.name}/{route.name} {digest}")
+    _print_pin({"upstream": route.upstream.name, "name": route.name, "digest": digest, "pinned": pinned}, as_json)
     return 0
 
 
-def _manifest_path(reference: str) -> str:
-    """An image reference as the API path a client would ask: name@digest, name:tag or name."""
-    name, at, digest = reference.partition("@")
-    if at:
-        return f"{name}/manifests/{digest}"
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        return f"{name[:colon]}/manifests/{name[colon + 1:]}"
-    return f"{name}/manifests/latest"
+def _print_pin(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{'pinned' if result['pinned'] else 'unpinned'} {result['upstream']}/{result['name']} "
+              f"{result['digest']}")
 
 
 def list_cached(config: Config, as_json: bool) -> int:
-    images = asyncio.run(cached_listing(config))
+    _print_images(asyncio.run(cached_listing(config)), as_json)
+    return 0
+
+
+def _print_images(images: Sequence[CachedImage], as_json: bool) -> None:
     if as_json:
         print(json.dumps([dataclasses.asdict(image) for image in images], indent=2))
-        return 0
-    rows = [("REPOSITORY", "TAG", "DIGEST", "SIZE", "BLOBS", "LAST PULLED")]
-    rows += [(f"{i.upstream}/{i.name}", i.tag, i.digest[:19], _human(i.size), str(i.blobs), _when(i.last_pulled))
-             for i in images]
+        return
+    rows = [("REPOSITORY", "TAG", "DIGEST", "SIZE", "BLOBS", "LAST PULLED", "PINNED")]
+    rows += [(f"{i.upstream}/{i.name}", i.tag, i.digest[:19], _human(i.size), str(i.blobs), _when(i.last_pulled),
+              "yes" if i.pinned else "") for i in images]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def run_remote(args: argparse.Namespace) -> int:
+    """ls, pin, unpin or gc on the running mirror at --server, through its admin API."""
+    if getattr(args, "max_size", None) is not None:
+        print("mirror: --max-size does not go with --server: the mirror evicts to its own budget", file=sys.stderr)
+        return 2
+    token = os.environ.get("MIRROR_TOKEN")
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            print(f"mirror: --token-file: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    user = None
+    if args.user is not None:
+        password = os.environ.get("MIRROR_PASSWORD")
+        if password is None:
+            password = getpass.getpass(f"password for {args.user}: ") if sys.stdin.isatty() else ""
+        user = (args.user, password)
+    client = AdminClient(args.server, token, user)
+    try:
+        if args.command == "ls":
+            names = {f.name for f in dataclasses.fields(CachedImage)}
+            _print_images([CachedImage(**{k: v for k, v in image.items() if k in names})
+                           for image in asyncio.run(client.images())], args.json)
+        elif args.command == "gc":
+            _print_gc(asyncio.run(client.gc(args.dry_run)), args.json)
+        else:
+            _print_pin(asyncio.run(client.pin(args.reference, args.command == "pin")), args.json)
+    except MirrorError as exc:
+        print(f"mirror: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -396,6 +449,8 @@ def _when(at: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "server", None) is not None and args.command in ("ls", "gc", "pin", "unpin"):
+        return run_remote(args)
     if args.command == "serve":
         overrides = Overrides(listen=args.listen, cache_dir=args.cache_dir, max_size=args.max_size,
                               upstreams=tuple(args.upstream), default_upstream=args.default_upstream,
@@ -403,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               metrics_listen=args.metrics_listen, log_format=args.log_format,
                               shutdown_grace=args.shutdown_grace, htpasswd=args.htpasswd,
                               tls_cert=args.tls_cert, tls_key=args.tls_key, offline=args.offline,
+                              admin_token_file=args.admin_token_file,
                               storage=args.storage, redis=args.redis, advertise=args.advertise)
     else:
         overrides = Overrides(cache_dir=args.cache_dir, max_size=getattr(args, "max_size", None),

@@ -112,11 +112,17 @@ class ConnectionLimits:
 @dataclass(frozen=True, slots=True)
 class AccessRule:
     """Who (`user:NAME`, `group:NAME`, `anonymous`, `authenticated` or `*`) may or may not pull
-    which repositories (`UPSTREAM/GLOB`, e.g. `ghcr.io/acme/*`, where `*` spans `/` too)."""
+    (or administer: pin, unpin, gc, seed) which repositories (`UPSTREAM/GLOB`, e.g.
+    `ghcr.io/acme/*`, where `*` spans `/` too)."""
 
     who: tuple[str, ...]
     allow: bool
     repositories: tuple[str, ...]
+    permissions: frozenset[str] = frozenset({"pull"})
+    """What the rule decides: `pull`, `admin` or both (a deny rule, by default, both)."""
+
+
+PERMISSIONS = ("pull", "admin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +239,8 @@ class Config:
     advertise: str | None = None
     """How other replicas reach this one; None: from the listen address."""
     signature_policies: tuple[SignaturePolicy, ...] = ()
+    admin_token_file: Path | None = None
+    """A file holding the token (`Authorization: Bearer ...`) that may use the admin API."""
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -533,6 +541,7 @@ class Overrides:
     log_format: str | None = None
     shutdown_grace: str | None = None
     htpasswd: str | None = None
+    admin_token_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     offline: bool = False
@@ -581,7 +590,7 @@ def _scalar_settings(root: _Section, environ: Mapping[str, str],
 
 def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> Config:
     root.check_keys({"upstreams", "upstream_timeouts", "max_size", "eviction", "connections", "auth", "tls",
-                     "offline", "s3", "signature_policies", *_SCALARS})
+                     "offline", "s3", "signature_policies", "admin", *_SCALARS})
     config = Config()
     for key, (origin, value) in _scalar_settings(root, environ, overrides).items():
         if key == "listen":
@@ -660,12 +669,37 @@ def _build(root: _Section, environ: Mapping[str, str], overrides: Overrides) -> 
         config = replace(config, timeouts=TimeoutConfig(
             **_durations(section, config.timeouts, ("connect", "read", "revalidate"))))
     config = replace(config, auth=_auth(root, overrides), tls=_tls(root, overrides), s3=_s3(root))
+    config = replace(config, admin_token_file=_admin_token_file(root, overrides))
     if (policies := root.get("signature_policies", list)) is not None:
         config = replace(config, signature_policies=tuple(
             _signature_policy(_Section(item, f"signature_policies[{i}]"), {u.name for u in config.upstreams})
             for i, item in enumerate(policies)))
     _validate(config)
     return config
+
+
+def _admin_token_file(root: _Section, overrides: Overrides) -> Path | None:
+    if overrides.admin_token_file is not None:
+        return Path(overrides.admin_token_file)
+    section = _Section(root.data.get("admin") or {}, "admin")
+    section.check_keys({"token_file"})
+    path = section.get("token_file", str)
+    return Path(path) if path else None
+
+
+MIN_ADMIN_TOKEN = 16
+
+
+def read_admin_token(path: Path) -> str:
+    """The admin token in `path`: one line of at least MIN_ADMIN_TOKEN characters."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"admin.token_file: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(token) < MIN_ADMIN_TOKEN or any(c.isspace() for c in token):
+        raise ConfigError(f"admin.token_file: {path} must hold one token of at least {MIN_ADMIN_TOKEN} characters "
+                          "(e.g. from openssl rand -hex 32)")
+    return token
 
 
 def _signature_policy(section: _Section, upstreams: set[str]) -> SignaturePolicy:
@@ -785,7 +819,7 @@ def _auth(root: _Section, overrides: Overrides) -> AuthConfig:
 
 
 def _rule(section: _Section) -> AccessRule:
-    section.check_keys({"who", "allow", "deny"})
+    section.check_keys({"who", "allow", "deny", "permissions"})
     who = section.get("who", list)
     if not who or not all(isinstance(w, str) and _WHO_RE.fullmatch(w) for w in who):
         raise ConfigError(f"{section.at('who')}: expected a list of user:NAME, group:NAME, anonymous, "
@@ -796,7 +830,10 @@ def _rule(section: _Section) -> AccessRule:
     patterns = section.get(key, list)
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError(f"{section.at(key)}: expected a list of UPSTREAM/REPOSITORY patterns such as ghcr.io/acme/*")
-    return AccessRule(tuple(who), key == "allow", tuple(patterns))
+    permissions = section.get("permissions", list, ["pull"] if key == "allow" else list(PERMISSIONS))
+    if not permissions or not all(p in PERMISSIONS for p in permissions):
+        raise ConfigError(f"{section.at('permissions')}: expected a list of {' and '.join(PERMISSIONS)}")
+    return AccessRule(tuple(who), key == "allow", tuple(patterns), frozenset(permissions))
 
 
 def _tls(root: _Section, overrides: Overrides) -> TlsConfig | None:
@@ -879,7 +916,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("redis: replicas share their blobs through object storage: set storage "
                           "(s3://BUCKET/PREFIX) too")
     private = [(config.auth.htpasswd, "auth.htpasswd"), (config.auth.token_key_file, "auth.token.key_file"),
-               (config.tls.key if config.tls else None, "tls.key")]
+               (config.tls.key if config.tls else None, "tls.key"), (config.admin_token_file, "admin.token_file")]
+    if config.admin_token_file is not None:
+        read_admin_token(config.admin_token_file)
     for i, upstream in enumerate(config.upstreams):
         credentials = upstream.credentials
         if isinstance(credentials, DockerConfigCredentials):

@@ -1,10 +1,11 @@
-"""A running mirror's own /v2 API as the source of `mirror seed --server URL`: pulling every
-listed image through it pre-warms its cache before a rollout, with its single-flight downloads
-and verified writes, while it serves. Every body is checked against its digest here too.
+"""A running mirror, from the outside: its /v2 API as the source of `mirror seed --server URL`
+(pulling every listed image through it pre-warms its cache before a rollout, with its
+single-flight downloads and verified writes; every body is checked against its digest here too),
+and its admin API for `mirror ls/pin/unpin/gc --server URL`.
 
 Repositories are named with their registry as the first path segment
-(`/v2/docker.io/library/alpine/...`), which the mirror routes to that upstream. Pinning needs
-the mirror's admin API; until it has one, what is seeded this way is cached but not pinned.
+(`/v2/docker.io/library/alpine/...`), which the mirror routes to that upstream. What `seed
+--server` caches is not pinned; `pin --server` pins it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -24,6 +26,7 @@ from mirror.errors import (
     ManifestUnknown,
     MirrorError,
     NameUnknown,
+    RequestInvalid,
     TooManyRequests,
     Unavailable,
 )
@@ -34,8 +37,9 @@ from mirror.proxy import ACCEPT_ALL, CacheResult, ManifestResult
 _CHUNK = 4 << 20
 _BY_CODE: Mapping[str, type[MirrorError]] = {
     "MANIFEST_UNKNOWN": ManifestUnknown, "BLOB_UNKNOWN": BlobUnknown, "NAME_UNKNOWN": NameUnknown,
-    "DENIED": Denied, "UNAUTHORIZED": Denied, "TOOMANYREQUESTS": TooManyRequests,
+    "DENIED": Denied, "UNAUTHORIZED": Denied, "TOOMANYREQUESTS": TooManyRequests, "UNSUPPORTED": RequestInvalid,
 }
+_ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
 
 
 class ServerFetcher:
@@ -91,6 +95,41 @@ class ServerFetcher:
             async with self._session.get(url, headers=headers) as response:
                 yield response
         except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"{self._server}: {type(exc).__name__}: {exc}") from None
+
+
+class AdminClient:
+    """A running mirror's admin API (`/api/v1`), authenticated with the admin token or an
+    account (HTTP Basic)."""
+
+    def __init__(self, server: str, token: str | None = None, user: tuple[str, str] | None = None) -> None:
+        self._server = server.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if user is not None:
+            self._headers = {"Authorization": aiohttp.encode_basic_auth(*user)}
+
+    async def images(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = await self._call("GET", "images")
+        return found
+
+    async def pin(self, image: str, pinned: bool) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", "pin" if pinned else "unpin", {"image": image})
+        return result
+
+    async def gc(self, dry_run: bool) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", "gc", {"dry_run": dry_run})
+        return result
+
+    async def _call(self, method: str, view: str, body: dict[str, object] | None = None) -> Any:
+        url = f"{self._server}/api/v1/{view}"
+        try:
+            async with aiohttp.ClientSession(timeout=_ADMIN_TIMEOUT, trust_env=False) as session, \
+                    session.request(method, url, json=body, headers=self._headers) as response:
+                if response.status == 401:
+                    raise Denied(f"{self._server} wants a login: give --user (and $MIRROR_PASSWORD) or --token-file")
+                await _check(response, ManifestUnknown)
+                return await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise Unavailable(f"{self._server}: {type(exc).__name__}: {exc}") from None
 
 

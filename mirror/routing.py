@@ -115,3 +115,15 @@ class Router:
         if sep and _HOST_RE.fullmatch(first):
             raise Denied(f"registry {first[:100]!r} is not configured on this mirror")
         return self._default, name
+
+
+def manifest_path(reference: str) -> str:
+    """An image reference as the API path a client would ask: name@digest, name:tag or name."""
+    name, at, digest = reference.partition("@")
+    if at:
+        return f"{name}/manifests/{digest}"
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return f"{name[:colon]}/manifests/{name[colon + 1:]}"
+    return f"{name}/manifests/latest"

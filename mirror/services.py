@@ -16,9 +16,9 @@ import logging
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +26,7 @@ import aiohttp
 
 from mirror.cluster import Cluster, default_advertise
 from mirror.config import Config
-from mirror.errors import CacheBusy, CacheWriteError, ConfigError
+from mirror.errors import CacheBusy, CacheWriteError, ConfigError, RequestInvalid
 from mirror.eviction import Evicted, Evictor
 from mirror.flight import Background
 from mirror.imagelist import Platform
@@ -82,6 +82,8 @@ class Services:
     index_problem: str | None = None
     """Why the index is a temporary one in memory, if it is."""
     shared_index: RedisIndex | None = None
+    upstreams: Mapping[str, Source] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
 
     def coordination_problem(self) -> str | None:
         """Why this replica works without the others right now (Redis out of reach), if it does."""
@@ -142,7 +144,8 @@ async def open_services(config: Config, metrics: Metrics,
     try:
         yield Services(config, store, index, background, proxy, referrers, evictor, signatures=signatures,
                        cluster=cluster, index_problem=index_problem,
-                       shared_index=index if isinstance(index, RedisIndex) else None)
+                       shared_index=index if isinstance(index, RedisIndex) else None, upstreams=upstreams,
+                       clock=clock or time.time)
     finally:
         for task in periodic:
             task.cancel()
@@ -319,7 +322,7 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
                 evictor = Evictor(config.eviction, files, index, Background(), Metrics())
                 evictor.usage = (await index.usage())[1]
                 before = evictor.usage
-                evicted = await _collect(config, evictor)
+                evicted = await _collect(config, evictor, time.time())
                 return before, evictor.usage, evicted
             finally:
                 await index.close()
@@ -327,9 +330,34 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
         store.spool.unlock()
 
 
-async def _collect(config: Config, evictor: Evictor) -> list[Evicted]:
+async def collect_live(services: Services, dry_run: bool) -> tuple[int, int, list[Evicted]]:
+    """`evict_now` on the cache a running mirror serves, through its own evictor (so its usage
+    stays right). A dry run works on a copy of the index, as `evict_now`'s."""
+    config = services.config
+    if config.eviction.max_size is None and all(u.max_age is None for u in config.upstreams):
+        raise RequestInvalid("neither max_size nor any upstream's max_age is set: nothing to evict")
+    if not dry_run:
+        before = services.evictor.usage
+        evicted = await _collect(config, services.evictor, services.clock())
+        return before, services.evictor.usage, evicted
+    if not isinstance(services.index, SqliteIndex):
+        raise RequestInvalid("a dry run works on a cache directory's index; on a cluster (redis set) gc evicts "
+                             "for real")
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = SqliteIndex(await services.index.copy(Path(scratch) / INDEX_FILE))
+        await copy.open()
+        try:
+            evictor = Evictor(config.eviction, _KeepFiles(config.cache_dir), copy, Background(), Metrics())
+            evictor.usage = before = services.evictor.usage
+            evicted = await _collect(config, evictor, services.clock())
+            return before, evictor.usage, evicted
+        finally:
+            await copy.close()
+
+
+async def _collect(config: Config, evictor: Evictor, now: float) -> list[Evicted]:
     """One gc: what is past its upstream's max_age, then down to the budget's low watermark."""
-    evicted = await evictor.expire(_max_ages(config), time.time())
+    evicted = await evictor.expire(_max_ages(config), now)
     if config.eviction.max_size is not None:
         evicted += await evictor.evict()
     return evicted
@@ -351,7 +379,7 @@ async def _evict_cluster(config: Config) -> tuple[int, int, list[Evicted]]:
         async with cluster.exclusive("evict") as held:
             if not held:
                 raise CacheBusy("a replica is evicting from the shared cache right now; try again shortly")
-        evicted = await _collect(config, evictor)
+        evicted = await _collect(config, evictor, time.time())
         return before, (await index.usage())[1], evicted
     finally:
         await cluster.close()

@@ -44,7 +44,7 @@ from tests.support.seaweedfs import SeaweedFS, find_weed_binary
 # Debian packages that provide the programs the tests drive.
 PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo", "dockerd": "docker.io", "docker": "docker.io",
             "containerd": "containerd", "ctr": "containerd", "podman": "podman", "unshare": "util-linux",
-            "redis-server": "redis-server"}
+            "redis-server": "redis-server", "chromium": "chromium", "chromedriver": "chromium-driver"}
 
 
 def unavailable(message: str) -> NoReturn:
@@ -232,7 +232,8 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
                    eviction: EvictionConfig | None = None, max_ages: dict[str, float] | None = None,
                    path_prefix: str = "", auth: AuthConfig | None = None, storage: S3Location | None = None,
                    s3: S3Config | None = None, redis: str | None = None,
-                   signature_policies: tuple[SignaturePolicy, ...] = (), **upstream_options: object) -> Mirror:
+                   signature_policies: tuple[SignaturePolicy, ...] = (), admin_token_file: Path | None = None,
+                   **upstream_options: object) -> Mirror:
         # A replica tells the others its address, so it must know its port before it listens.
         port = free_port() if redis is not None else 0
         advertise = f"http://127.0.0.1:{port}" if redis is not None else None
@@ -242,6 +243,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
             default_upstream=next(iter(upstreams)), timeouts=timeouts or TimeoutConfig(),
             eviction=eviction or EvictionConfig(), path_prefix=path_prefix, auth=auth or AuthConfig(),
             storage=storage, s3=s3 or S3Config(), signature_policies=signature_policies,
+            admin_token_file=admin_token_file,
             upstreams=tuple(UpstreamConfig(name=name, url=url, tag_ttl=tag_ttl, library_prefix=name == "docker.io",
                                            max_age=(max_ages or {}).get(name),
                                            **upstream_options)  # type: ignore[arg-type]
@@ -270,7 +272,7 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 async def fake() -> AsyncIterator[FakeUpstream]:
     upstream, servers = await start_fake()
     yield upstream
-    for gate in upstream.gates.values():
+    for gate in [*upstream.gates.values(), *(stop for stops in upstream.stages.values() for stop in stops)]:
         gate[1].set()
     for server in servers:
         await server.close()

@@ -65,8 +65,11 @@ def test_example_auth_and_tls_block_loads_when_uncommented(tmp_path: Path) -> No
     config = load(write(tmp_path, uncommented), environ={})
     assert config.auth.htpasswd == tmp_path / "htpasswd" and config.auth.token_lifetime == 300
     assert config.auth.groups == (("ci", ("builder", "deployer")), ("admin", ("alice",)))
-    assert config.auth.rules[0] == AccessRule(("group:admin",), True, ("*",))
-    assert config.auth.rules[1] == AccessRule(("user:deployer",), False, ("ghcr.io/acme/secret-*",))
+    assert config.auth.rules[0] == AccessRule(("group:admin",), True, ("*",), frozenset({"pull", "admin"}))
+    # A deny denies everything unless it says otherwise.
+    assert config.auth.rules[1] == AccessRule(("user:deployer",), False, ("ghcr.io/acme/secret-*",),
+                                              frozenset({"pull", "admin"}))
+    assert config.auth.rules[2] == AccessRule(("group:ci",), True, ("ghcr.io/acme/*", "docker.io/*"))
     assert config.tls == TlsConfig(tmp_path / "tls/tls.crt", tmp_path / "tls/tls.key", tmp_path / "tls/ca.crt",
                                    "optional")
 

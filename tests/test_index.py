@@ -56,11 +56,11 @@ async def test_ls_lists_cached_tags_with_their_size(make_mirror: MirrorFactory, 
 
     out = subprocess.run([sys.executable, "-m", "mirror", "ls", "--json", "--cache-dir", str(cache)],
                          capture_output=True, text=True, check=True).stdout
-    assert {(e["name"], e["tag"], e["size"]) for e in json.loads(out)} == {
-        ("library/alpine", "3.19", image_size(single)), ("library/multi", "1.0", image_size(index))}
+    assert {(e["name"], e["tag"], e["size"], e["pinned"]) for e in json.loads(out)} == {
+        ("library/alpine", "3.19", image_size(single), False), ("library/multi", "1.0", image_size(index), False)}
     table = subprocess.run([sys.executable, "-m", "mirror", "ls", "--cache-dir", str(cache)],
                            capture_output=True, text=True, check=True).stdout.splitlines()
-    assert table[0].split() == ["REPOSITORY", "TAG", "DIGEST", "SIZE", "BLOBS", "LAST", "PULLED"]
+    assert table[0].split() == ["REPOSITORY", "TAG", "DIGEST", "SIZE", "BLOBS", "LAST", "PULLED", "PINNED"]
     assert table[1].startswith("docker.io/library/alpine") and "3.19" in table[1]
 
 

@@ -63,6 +63,8 @@ class FakeUpstream:
     corrupt_manifests: set[str] = field(default_factory=set)
     """Manifest digests served with a byte appended (still valid JSON) under the original
     Docker-Content-Digest, so the body no longer matches the digest the upstream claims."""
+    headers_for_manifests: dict[str, str] = field(default_factory=dict)
+    """Sent with every manifest answer (Docker Hub's ratelimit-remaining, say)."""
     chunked_manifests: bool = False
     """Send manifest bodies with chunked encoding (no Content-Length)."""
     chunked_blobs: bool = False
@@ -73,6 +75,8 @@ class FakeUpstream:
     """digest -> cut the connection after this many bytes, on the first GET only."""
     gates: dict[str, tuple[int, asyncio.Event]] = field(default_factory=dict)
     """digest -> (offset, event): stop sending at offset until the event is set."""
+    stages: dict[str, list[tuple[int, asyncio.Event]]] = field(default_factory=dict)
+    """digest -> several such stops, in order: a download seen to move step by step."""
     ignore_range: bool = False
     realm: str | None = None
     """The token realm to advertise instead of this registry's own /token."""
@@ -186,7 +190,7 @@ class FakeUpstream:
                 return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no"}]}, status=404)
             body, media_type = found
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
-            headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
+            headers = {"Content-Type": media_type, "Docker-Content-Digest": digest, **self.headers_for_manifests}
             if request.method == "HEAD":
                 return web.Response(headers={**headers, "Content-Length": str(len(body))})
             if digest in self.corrupt_manifests:
@@ -267,13 +271,15 @@ class FakeUpstream:
             response.content_length = len(data) - start
         await response.prepare(request)
         drop_at = self.drop_after.pop(digest, None)
-        gate = self.gates.get(digest)
+        stops = sorted([*self.stages.get(digest, []), *([self.gates[digest]] if digest in self.gates else [])],
+                       key=lambda stop: stop[0])
         position = start
         while position < len(data):
-            if gate and position <= gate[0] < position + CHUNK:
-                await response.write(data[position:gate[0]])
-                position = gate[0]
-                await gate[1].wait()
+            for offset, event in stops:
+                if position <= offset < position + CHUNK and not event.is_set():
+                    await response.write(data[position:offset])
+                    position = offset
+                    await event.wait()
             end = min(position + CHUNK, len(data))
             if drop_at is not None and position <= drop_at < end:
                 await response.write(data[position:drop_at])
