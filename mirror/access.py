@@ -21,7 +21,7 @@ from mirror.metrics import KINDS, Metrics
 
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE = web.RequestKey("route", str)
-"""The route label: manifest, blob, tags, base, token or ops."""
+"""The route label: manifest, blob, tags, referrers, base, token, ops or status."""
 UPSTREAM = web.RequestKey("upstream", str)
 """The name of the upstream the request went to."""
 IMAGE = web.RequestKey("image", tuple[str, str])
@@ -105,10 +105,11 @@ def _record(metrics: Metrics, request: web.BaseRequest, route: str, status: int,
                             body if from_cache else 0, 0 if from_cache else body)
     if route == "manifest" and status == 200 and request.method == "GET":
         metrics.activity.pulled(upstream, name, reference)
-    if status >= 400 and status != 401 and (error := request.get(ERROR)) is not None:
-        # 401s are the login handshake, not failures.
-        metrics.activity.failed(Failure(_now(), upstream, name, reference, route, status, error.code,
-                                        error.message))
+    if status != 401 and (error := request.get(ERROR)) is not None:
+        # 401s are the login handshake, not failures. A body cut short (a download that failed
+        # after its headers went out) is shown with the status its error would have had.
+        metrics.activity.failed(Failure(_now(), upstream, name, reference, route,
+                                        status if status >= 400 else error.status, error.code, error.message))
 
 
 def _now() -> float:

@@ -308,6 +308,8 @@ async def _send(request: web.Request, response: web.StreamResponse,
         return response
     except (OSError, MirrorError) as error:
         log.warning("aborting %s: %s", request.path, error.message if isinstance(error, MirrorError) else error)
+        if isinstance(error, MirrorError):
+            request[ERROR] = error
         if request.transport is not None:
             request.transport.close()
         return response

@@ -18,7 +18,7 @@ import bcrypt
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.config import AccessRule, AuthConfig
-from tests.conftest import Mirror, MirrorFactory
+from tests.conftest import Mirror, MirrorFactory, Registry
 from tests.support.fake_upstream import FakeUpstream, Forced
 from tests.support.pulls import CACHE, TIMEOUT, Clock, add_image, fetch, pull_blob, pull_manifest
 
@@ -349,3 +349,53 @@ async def test_pin_unpin_gc_and_ls_against_a_running_mirror(
     assert code == 1 and "admin" in err
     code, _, err = await mirror_cli("gc", "--server", mirror.url, "--max-size", "1GiB")
     assert code == 2 and "--max-size" in err
+
+
+async def test_recent_failures_say_why_a_pull_failed(
+        make_mirror: MirrorFactory, fake: FakeUpstream, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """An upstream 404, a refusal, a blob whose bytes do not match its digest (cut after its
+    headers went out), an offline miss: each is listed with what the client was told."""
+    broken = add_image(fake, "team/broken", "v1", [random.Random(5).randbytes(200_000)])
+    fake.corrupt.add(broken.layers[0])
+    mirror = await make_mirror({"docker.io": "http://127.0.0.1:9", REGISTRY: fake.url},
+                               admin_token_file=token_file(tmp_path),
+                               auth=AuthConfig(rules=(AccessRule(("*",), False, (f"{REGISTRY}/private/*",)),
+                                                      AccessRule(("*",), True, ("*",)))))
+    assert (await pull_manifest(client, mirror, f"{REGISTRY}/team/absent", "v1")).status == 404
+    assert (await pull_manifest(client, mirror, f"{REGISTRY}/private/app", "v1")).status == 403
+    assert (await pull_manifest(client, mirror, f"{REGISTRY}/team/broken", "v1")).status == 200
+    try:
+        await pull_blob(client, mirror, f"{REGISTRY}/team/broken", broken.layers[0])
+    except aiohttp.ClientPayloadError:
+        pass  # cut short, as it must be
+    else:
+        raise AssertionError("a blob that does not match its digest was served whole")
+    _, failures = await api(client, mirror, "failures")
+    assert [(f["name"], f["status"], f["code"]) for f in failures] == [
+        ("team/broken", 502, "UNAVAILABLE"), ("private/app", 403, "DENIED"), ("team/absent", 404, "MANIFEST_UNKNOWN")]
+    assert "digest" in failures[0]["message"]
+    # Anonymous callers may pull team/* but not private/*: they do not see that one.
+    _, shown = await api(client, mirror, "failures", token=None)
+    assert [f["name"] for f in shown] == ["team/broken", "team/absent"]
+
+    offline = await make_mirror({"docker.io": "http://127.0.0.1:9", REGISTRY: fake.url}, offline=True,
+                                admin_token_file=token_file(tmp_path))
+    assert (await pull_manifest(client, offline, f"{REGISTRY}/team/never", "v1")).status == 404
+    _, failures = await api(client, offline, "failures")
+    assert [(f["name"], f["code"]) for f in failures] == [("team/never", "MANIFEST_UNKNOWN")]
+    assert "offline" in failures[0]["message"]
+    _, upstreams = await api(client, offline, "upstreams")
+    assert {u["name"]: u["state"] for u in upstreams}[REGISTRY] == "offline"
+
+
+async def test_an_index_lists_which_platforms_are_cached(make_mirror: MirrorFactory, registry: Registry,
+                                                         client: aiohttp.ClientSession) -> None:
+    index = registry.images["index"]
+    amd64 = index.children[0]
+    mirror = await make_mirror({"docker.io": registry.url})
+    assert (await pull_manifest(client, mirror, "library/multi", "1.0")).status == 200
+    assert (await pull_manifest(client, mirror, "library/multi", amd64.digest)).status == 200
+    _, images = await api(client, mirror, "images", token=None)
+    assert [(i["name"], i["tag"], i["platforms"]) for i in images] == [
+        ("library/multi", "1.0", [{"platform": "linux/amd64", "present": True},
+                                  {"platform": "linux/arm64", "present": False}])]

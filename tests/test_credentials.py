@@ -141,6 +141,13 @@ async def test_ecr_token_is_signed_shared_and_sent_only_to_the_registry(
     assert {a for a in fake.authorizations if a is not None} == {basic("AWS", api.secret(1))}
     assert_no_secret(logs, results, [AWS_SECRET], [("AWS", api.secret(1))])
 
+    # The status API says where the credentials come from and when they expire, never what they are.
+    async with client.get(f"{mirror.url}/api/v1/upstreams") as response:
+        text = await response.text()
+    (shown,) = json.loads(text)
+    assert "ECR" in shown["credentials"] and shown["credentials_expire"] == pytest.approx(wall.now + api.lifetime)
+    assert api.secret(1) not in text and AWS_SECRET not in text
+
 
 async def test_ecr_token_is_renewed_before_it_expires(
         aws_environment: None, wall: Clock, fake: FakeUpstream, make_mirror: MirrorFactory,
