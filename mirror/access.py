@@ -18,6 +18,7 @@ from aiohttp.abc import AbstractAccessLogger
 from mirror.activity import Failure
 from mirror.errors import MirrorError
 from mirror.metrics import KINDS, Metrics
+from mirror.oci import attachment_subject
 
 METRICS = web.AppKey("metrics", Metrics)
 ROUTE = web.RequestKey("route", str)
@@ -105,15 +106,14 @@ def _record(metrics: Metrics, request: web.BaseRequest, route: str, status: int,
                             body if from_cache else 0, 0 if from_cache else body)
     if route == "manifest" and status == 200 and request.method == "GET":
         metrics.activity.pulled(upstream, name, reference)
-    if status != 401 and (error := request.get(ERROR)) is not None:
-        # 401s are the login handshake, not failures. A body cut short (a download that failed
-        # after its headers went out) is shown with the status its error would have had.
-        metrics.activity.failed(Failure(_now(), upstream, name, reference, route,
+    if (route in ("manifest", "blob", "tags", "referrers") and status != 401
+            and (error := request.get(ERROR)) is not None
+            and not (status == 404 and attachment_subject(reference) is not None)):
+        # 401s are the login handshake, and 404s for signature and referrer tags the probes of
+        # every verifier, not failures. A body cut short (a download that failed after its
+        # headers went out) is shown with the status its error would have had.
+        metrics.activity.failed(Failure(metrics.activity.now(), upstream, name, reference, route,
                                         status if status >= 400 else error.status, error.code, error.message))
-
-
-def _now() -> float:
-    return datetime.now(UTC).timestamp()
 
 
 def _common_log_line(fields: dict[str, Any]) -> str:

@@ -74,12 +74,6 @@ class Failure:
     message: str
 
 
-@dataclass(slots=True)
-class Pulls:
-    count: int = 0
-    last: float = 0.0
-
-
 EVICTION_UPSTREAM = ""
 """Evictions are the cache's, not an upstream's: they are tallied under this key."""
 
@@ -92,7 +86,8 @@ class Activity:
         self._minutes: dict[str, dict[int, Tally]] = {}
         self.health: dict[str, UpstreamHealth] = {}
         self.failures: deque[Failure] = deque(maxlen=MAX_FAILURES)
-        self.pulls: dict[tuple[str, str, str], Pulls] = {}
+        self.pulls: dict[tuple[str, str, str], int] = {}
+        """Manifests served, by upstream, repository and reference, least recently pulled first."""
         self.rate_limits: dict[str, tuple[int | None, int | None]] = {}
         """Per upstream, the pulls left in its window and its limit, as it last said."""
 
@@ -116,12 +111,12 @@ class Activity:
     def pulled(self, upstream: str, name: str, reference: str) -> None:
         """A manifest was served for `reference`: one pull of that image."""
         key = (upstream, name, reference)
-        pulls = self.pulls.pop(key, None) or Pulls()
-        pulls.count += 1
-        pulls.last = self._clock()
-        self.pulls[key] = pulls  # re-inserted: the dict's order is least recently pulled first
+        self.pulls[key] = self.pulls.pop(key, 0) + 1  # re-inserted: the order is least recently pulled first
         if len(self.pulls) > MAX_PULLED:
             del self.pulls[next(iter(self.pulls))]
+
+    def now(self) -> float:
+        return self._clock()
 
     def failed(self, failure: Failure) -> None:
         self.failures.append(failure)

@@ -46,7 +46,6 @@ UPSTREAM_READ_BUFFER = 4 << 20
 SERVICES = web.AppKey("services", Services)
 GATE = web.AppKey("gate", Gate)
 STATUS = web.AppKey("status", Status)
-CONSOLE = web.AppKey("console", Console)
 
 
 def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.Application:
@@ -65,8 +64,7 @@ def create_app(config: Config, clock: Callable[[], float] | None = None) -> web.
         app.on_cleanup.append(close_gate)
     if config.redis is not None:
         ClusterHandlers(lambda: _cluster(app)).add_routes(app)
-    console = app[CONSOLE] = Console(config, gate, lambda: app[STATUS])
-    console.add_routes(app, config.path_prefix)
+    Console(config, gate, lambda: app[STATUS]).add_routes(app, config.path_prefix)
     RegistryHandlers(Router(config), gate).add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -96,12 +94,14 @@ def _cluster(app: web.Application) -> Cluster:
     return cluster
 
 
-def create_ops_app(app: web.Application) -> web.Application:
-    """The /metrics, /healthz, /readyz and the status page of `app`, for a listener of their own."""
+def create_ops_app(app: web.Application, config: Config) -> web.Application:
+    """The /metrics, /healthz, /readyz and the status page of `app`, for a listener of their own.
+    That listener is plain HTTP: beside a TLS API it only shows, so that no administrator's
+    credentials for a change travel in the clear."""
     ops = web.Application(middlewares=[errors_middleware])
     ops[METRICS] = app[METRICS]
     OpsHandlers(app[METRICS], lambda: _readiness(app)).add_routes(ops)
-    app[CONSOLE].add_routes(ops)
+    Console(config, app.get(GATE), lambda: app[STATUS], actions=config.tls is None).add_routes(ops)
     return ops
 
 
@@ -153,7 +153,7 @@ async def serve(config: Config, on_ready: Callable[[], None]) -> None:
     context = server_context(config.tls) if config.tls is not None else None
     listeners = [(web.AppRunner(app, **runner_options(config, app)), (config.host, config.port), context)]
     if config.metrics_listen is not None:
-        ops = create_ops_app(app)
+        ops = create_ops_app(app, config)
         listeners.append((web.AppRunner(ops, **runner_options(config, ops)), config.metrics_listen, None))
     reloadables = _reloadables(config, app, context)
     stop = asyncio.Event()

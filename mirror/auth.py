@@ -215,8 +215,16 @@ class Policy:
         return self._decide(identity, f"{upstream}/{name}", permission)
 
     def allows_everywhere(self, identity: Identity, permission: str) -> bool:
-        """`permission` over the whole cache (gc, seeding): a rule whose pattern is `*` grants it."""
-        return self._decide(identity, "*", permission)
+        """`permission` over the whole cache, with no exception (gc): a rule with the pattern `*`
+        grants it, unless a deny rule for this client comes first."""
+        names = identity.names
+        for rule in self._rules:
+            if permission in rule.permissions and not names.isdisjoint(rule.who):
+                if not rule.allow:
+                    return False
+                if "*" in rule.repositories:
+                    return True
+        return False
 
     def _decide(self, identity: Identity, repository: str, permission: str) -> bool:
         if not self._rules:

@@ -260,12 +260,16 @@ def run_remote(args: argparse.Namespace) -> int:
     if getattr(args, "max_size", None) is not None:
         print("mirror: --max-size does not go with --server: the mirror evicts to its own budget", file=sys.stderr)
         return 2
+    if args.user is not None and args.token_file is not None:
+        print("mirror: give --user or --token-file, not both", file=sys.stderr)
+        return 2
     token = os.environ.get("MIRROR_TOKEN")
     if args.token_file is not None:
         try:
             token = args.token_file.read_text().strip()
-        except OSError as exc:
-            print(f"mirror: --token-file: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"mirror: --token-file: cannot read {args.token_file}: {getattr(exc, 'strerror', None) or exc}",
+                  file=sys.stderr)
             return 2
     user = None
     if args.user is not None:
@@ -285,7 +289,7 @@ def run_remote(args: argparse.Namespace) -> int:
             _print_pin(asyncio.run(client.pin(args.reference, args.command == "pin")), args.json)
     except MirrorError as exc:
         print(f"mirror: {exc.message}", file=sys.stderr)
-        return 1
+        return 2 if exc.status == 400 else 1
     return 0
 
 
@@ -449,8 +453,12 @@ def _when(at: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "server", None) is not None and args.command in ("ls", "gc", "pin", "unpin"):
-        return run_remote(args)
+    if args.command in ("ls", "gc", "pin", "unpin"):
+        if args.server is not None:
+            return run_remote(args)
+        if args.token_file is not None or args.user is not None:
+            print("mirror: --token-file and --user log in to a mirror named with --server", file=sys.stderr)
+            return 2
     if args.command == "serve":
         overrides = Overrides(listen=args.listen, cache_dir=args.cache_dir, max_size=args.max_size,
                               upstreams=tuple(args.upstream), default_upstream=args.default_upstream,

@@ -10,6 +10,7 @@ read-only except to that token.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from mirror.status import Status
 
 API = "/api/v1"
 _MAX_BODY = 64 * 1024
+_BODY_TIMEOUT = 10.0
 _NO_STORE = {"Cache-Control": "no-store"}
 # The page is ours alone: no script, style or frame from anywhere else, no framing by others.
 _PAGE_HEADERS = {
@@ -48,8 +50,11 @@ class Viewer:
 
 
 class Console:
-    def __init__(self, config: Config, gate: Gate | None, status: Callable[[], Status]) -> None:
-        """`status` gives the running mirror's figures (its services open after the routes are made)."""
+    def __init__(self, config: Config, gate: Gate | None, status: Callable[[], Status], actions: bool = True) -> None:
+        """`status` gives the running mirror's figures (its services open after the routes are made);
+        without `actions`, the page and the API only read (a plain-HTTP listener beside a TLS one
+        must not carry an administrator's credentials for changes)."""
+        self._actions = actions
         self._gate = gate
         self._router = Router(config)
         self._status = status
@@ -57,12 +62,13 @@ class Console:
         self._page = resources.files("mirror").joinpath("static/status.html").read_bytes()
 
     def add_routes(self, app: web.Application, prefix: str = "") -> None:
-        for base in {"", prefix}:
+        for base in ("", prefix) if prefix else ("",):
             app.router.add_get(f"{base}/status", self.page)
             for view in ("status", "effectiveness", "downloads", "upstreams", "storage", "images", "failures"):
                 app.router.add_get(f"{base}{API}/{view}", self.view)
-            for action in ("pin", "unpin", "gc", "seed"):
-                app.router.add_post(f"{base}{API}/{action}", self.act)
+            if self._actions:
+                for action in ("pin", "unpin", "gc", "seed"):
+                    app.router.add_post(f"{base}{API}/{action}", self.act)
 
     async def page(self, request: web.Request) -> web.Response:
         request[ROUTE] = "status"
@@ -76,24 +82,29 @@ class Console:
 
         def visible(upstream: str, repository: str) -> bool:
             return self._may(viewer, upstream, repository, "pull")
+
+        def administrable(upstream: str, repository: str) -> bool:
+            return self._actions and self._may(viewer, upstream, repository, "admin")
         status = self._status()
+        # Where the mirror's credentials come from (user names, key files) is for administrators.
+        secrets = self._may_everywhere(viewer)
         body: Any
         if name == "effectiveness":
             body = status.effectiveness()
         elif name == "downloads":
             body = status.downloads(visible)
         elif name == "upstreams":
-            body = status.upstreams()
+            body = status.upstreams(secrets)
         elif name == "storage":
             body = await status.storage(visible)
         elif name == "images":
-            body = await status.images(visible)
+            body = await status.images(visible, administrable)
         elif name == "failures":
             body = status.failures(visible)
         else:
-            body = {"viewer": {"user": viewer.identity.user, "admin": self._may_everywhere(viewer)},
+            body = {"viewer": {"user": viewer.identity.user, "admin": self._actions and self._may_everywhere(viewer)},
                     "effectiveness": status.effectiveness(), "downloads": status.downloads(visible),
-                    "upstreams": status.upstreams(), "storage": await status.storage(visible),
+                    "upstreams": status.upstreams(secrets), "storage": await status.storage(visible),
                     "failures": status.failures(visible)}
         return web.json_response(body, headers=_NO_STORE)
 
@@ -101,6 +112,10 @@ class Console:
         request[ROUTE] = "status"
         viewer = await self._viewer(request)
         action = request.path.rsplit("/", 1)[1]
+        if action == "gc" and not self._may_everywhere(viewer):
+            self._refuse(viewer, "gc needs the admin permission on every repository (*), with no exception")
+        if not viewer.token and self._gate is None:
+            self._refuse(viewer, f"{action} needs the admin token")
         body = await _json_body(request)
         if action in ("pin", "unpin"):
             image = body.get("image")
@@ -108,16 +123,13 @@ class Console:
                 raise RequestInvalid('expected {"image": "REPOSITORY:TAG"} (or REPOSITORY@DIGEST)')
             route = self._router.resolve(manifest_path(image))
             upstream, name = route.upstream.name, route.name
-            if not self._may(viewer, upstream, name, "admin"):
-                self._refuse(viewer, f"{action} needs the admin permission on {upstream}/{name}")
+            self._check_admin(viewer, action, upstream, name)
             digest = await self._status().pin(upstream, name, str(route.reference), action == "pin")
             if digest is None:
-                raise ManifestUnknown(f"{upstream}/{name}:{route.reference} is not cached; pull it through "
-                                      "the mirror first")
+                raise ManifestUnknown(f"{upstream}/{name}:{route.reference} is not cached in that repository; "
+                                      "pull it through the mirror first")
             return web.json_response({"upstream": upstream, "name": name, "digest": digest,
                                       "pinned": action == "pin"}, headers=_NO_STORE)
-        if not self._may_everywhere(viewer):
-            self._refuse(viewer, f"{action} needs the admin permission on every repository (*)")
         if action == "gc":
             dry_run = body.get("dry_run", False)
             if not isinstance(dry_run, bool):
@@ -126,13 +138,22 @@ class Console:
         images = body.get("images")
         if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
             raise RequestInvalid('expected {"images": ["REPOSITORY:TAG", ...]}')
-        return web.json_response(await self._status().seed(images), headers=_NO_STORE)
+        specs = self._status().image_specs(images)
+        for spec in specs:
+            self._check_admin(viewer, action, spec.upstream.name, spec.name)
+        return web.json_response(await self._status().seed(specs), headers=_NO_STORE)
+
+    def _check_admin(self, viewer: Viewer, action: str, upstream: str, name: str) -> None:
+        """Changing what is cached for a repository takes the admin permission there, and the
+        pull permission (an answer names digests)."""
+        if not (self._may(viewer, upstream, name, "admin") and self._may(viewer, upstream, name, "pull")):
+            self._refuse(viewer, f"{action} needs the admin permission on {upstream}/{name}")
 
     async def _viewer(self, request: web.Request) -> Viewer:
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
         if self._token is not None and scheme.lower() == "bearer" and \
-                hmac.compare_digest(value.strip().encode(), self._token.encode()):
+                hmac.compare_digest(value.strip().encode("utf-8", "surrogateescape"), self._token.encode()):
             request[USER] = "admin-token"
             return Viewer(ANONYMOUS, token=True)
         if self._gate is None:
@@ -169,7 +190,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         raise RequestInvalid("the admin API takes application/json bodies")
     if (request.content_length or 0) > _MAX_BODY:
         raise RequestInvalid(f"a request body may be {_MAX_BODY} bytes at most")
-    raw = await request.content.read(_MAX_BODY + 1)
+    try:
+        async with asyncio.timeout(_BODY_TIMEOUT):
+            raw = await request.content.read(_MAX_BODY + 1)
+    except TimeoutError:
+        raise RequestInvalid("the request body did not arrive in time") from None
     if len(raw) > _MAX_BODY:
         raise RequestInvalid(f"a request body may be {_MAX_BODY} bytes at most")
     try:

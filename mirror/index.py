@@ -582,15 +582,6 @@ class SqliteIndex:
         await self._run(lambda: self.db.execute("INSERT OR IGNORE INTO links VALUES (?, ?, ?)", key))
         self._links[key] = True
 
-    async def copy(self, path: Path) -> Path:
-        """A consistent copy of the database at `path` (for a dry run), taken while it serves."""
-        def backup() -> None:
-            with sqlite3.connect(path) as target:
-                self.db.backup(target)
-            target.close()
-        await self._run(backup)
-        return path
-
     async def images(self) -> list[CachedImage]:
         await self.flush_access()
         return await self._run(lambda: _images(self.db))

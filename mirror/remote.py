@@ -37,7 +37,7 @@ from mirror.proxy import ACCEPT_ALL, CacheResult, ManifestResult
 _CHUNK = 4 << 20
 _BY_CODE: Mapping[str, type[MirrorError]] = {
     "MANIFEST_UNKNOWN": ManifestUnknown, "BLOB_UNKNOWN": BlobUnknown, "NAME_UNKNOWN": NameUnknown,
-    "DENIED": Denied, "UNAUTHORIZED": Denied, "TOOMANYREQUESTS": TooManyRequests, "UNSUPPORTED": RequestInvalid,
+    "DENIED": Denied, "UNAUTHORIZED": Denied, "TOOMANYREQUESTS": TooManyRequests,
 }
 _ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
 
@@ -127,6 +127,8 @@ class AdminClient:
                     session.request(method, url, json=body, headers=self._headers) as response:
                 if response.status == 401:
                     raise Denied(f"{self._server} wants a login: give --user (and $MIRROR_PASSWORD) or --token-file")
+                if response.status == 400:
+                    raise RequestInvalid(f"{self._server}: {await _message(response)}")
                 await _check(response, ManifestUnknown)
                 return await response.json()
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -137,10 +139,19 @@ async def _check(response: aiohttp.ClientResponse, unknown: type[MirrorError]) -
     """The mirror's OCI error, as the error it names; a bare 404 is `unknown`."""
     if response.status < 300:
         return
-    try:
-        error = (await response.json(content_type=None))["errors"][0]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
-        code, message = "", f"answered {response.status}"
+    code, message = await _error(response)
     fallback = unknown if response.status == 404 else Unavailable
     raise _BY_CODE.get(code, fallback)(f"{response.url.host}:{response.url.port}: {message}")
+
+
+async def _error(response: aiohttp.ClientResponse) -> tuple[str, str]:
+    """The code and message of the OCI error JSON a response carries."""
+    try:
+        error = (await response.json(content_type=None))["errors"][0]
+        return str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, IndexError, TypeError, aiohttp.ClientError):
+        return "", f"answered {response.status}"
+
+
+async def _message(response: aiohttp.ClientResponse) -> str:
+    return (await _error(response))[1]

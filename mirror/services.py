@@ -17,7 +17,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -311,10 +311,7 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
         files = store
         with tempfile.TemporaryDirectory() as scratch:
             if dry_run:
-                copy = Path(scratch) / INDEX_FILE
-                with sqlite3.connect(database) as source, sqlite3.connect(copy) as target:
-                    source.backup(target)
-                database, files = copy, _KeepFiles(config.cache_dir)
+                database, files = _copy_index(database, Path(scratch)), _KeepFiles(config.cache_dir)
             index = SqliteIndex(database)
             await index.open()
             try:
@@ -343,8 +340,10 @@ async def collect_live(services: Services, dry_run: bool) -> tuple[int, int, lis
     if not isinstance(services.index, SqliteIndex):
         raise RequestInvalid("a dry run works on a cache directory's index; on a cluster (redis set) gc evicts "
                              "for real")
+    # Access times first, so the copy orders eviction as the live index would.
+    await services.index.flush_access()
     with tempfile.TemporaryDirectory() as scratch:
-        copy = SqliteIndex(await services.index.copy(Path(scratch) / INDEX_FILE))
+        copy = SqliteIndex(await asyncio.to_thread(_copy_index, config.cache_dir / INDEX_FILE, Path(scratch)))
         await copy.open()
         try:
             evictor = Evictor(config.eviction, _KeepFiles(config.cache_dir), copy, Background(), Metrics())
@@ -353,6 +352,15 @@ async def collect_live(services: Services, dry_run: bool) -> tuple[int, int, lis
             return before, evictor.usage, evicted
         finally:
             await copy.close()
+
+
+def _copy_index(database: Path, directory: Path) -> Path:
+    """A consistent copy of the index in `directory`, for a dry run (taken on a connection of its
+    own: WAL lets it read while a mirror writes)."""
+    copy = directory / INDEX_FILE
+    with closing(sqlite3.connect(database)) as source, closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+    return copy
 
 
 async def _collect(config: Config, evictor: Evictor, now: float) -> list[Evicted]:

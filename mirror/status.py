@@ -7,6 +7,7 @@ Every figure is a plain JSON-ready dict, so the page, scripts and tests read the
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 from mirror.activity import EVICTION_UPSTREAM, Tally
 from mirror.errors import ConfigError, RequestInvalid
-from mirror.imagelist import Platform, from_arguments
+from mirror.imagelist import ImageSpec, Platform, from_arguments
 from mirror.index import CachedImage
 from mirror.metrics import Metrics
 from mirror.oci import Digest
@@ -24,7 +25,7 @@ from mirror.services import Services, collect_live
 TOP = 10
 """Repositories in each top list."""
 LISTING_TTL = 5.0
-"""How long the list of cached images is reused while the cache's usage stays the same: every
+"""How long the list of cached images is reused (unless a pin, gc or seed changes it): every
 open page asks each second, and listing walks every image's tree in the index."""
 
 Visible = Callable[[str, str], bool]
@@ -46,13 +47,22 @@ class Status:
         self._activity = metrics.activity
         self._clock = services.clock
         """The cache's clock, which tag ages are counted by."""
-        self._listing: tuple[float, int, list[CachedImage]] | None = None
+        self._listing: tuple[float, list[CachedImage]] | None = None
+        self._changes = 0
+        """Counts pins, gcs and seeds: a listing begun before one is not kept."""
 
     async def _images(self) -> list[CachedImage]:
-        now, usage = time.monotonic(), self._services.evictor.usage
-        if self._listing is None or now - self._listing[0] > LISTING_TTL or usage != self._listing[1]:
-            self._listing = (now, usage, await self._services.index.images())
-        return self._listing[2]
+        now, changes = time.monotonic(), self._changes
+        if self._listing is not None and now - self._listing[0] <= LISTING_TTL:
+            return self._listing[1]
+        images = await self._services.index.images()
+        if changes == self._changes:
+            self._listing = (now, images)
+        return images
+
+    def _changed(self) -> None:
+        self._changes += 1
+        self._listing = None
 
     def effectiveness(self) -> dict[str, Any]:
         """Hit ratios and bytes saved per upstream, last hour and since start, and the last hour's chart."""
@@ -79,7 +89,9 @@ class Status:
                           "size": fill.size, "rate": fill.written / age, "readers": fill.readers, "age": age})
         return sorted(shown, key=lambda d: -d["age"])
 
-    def upstreams(self) -> list[dict[str, Any]]:
+    def upstreams(self, secrets: bool) -> list[dict[str, Any]]:
+        """Without `secrets`, only whether the mirror has credentials for an upstream, not
+        where they come from (a user name, a key file)."""
         shown = []
         for config in self._config.upstreams:
             source = self._services.upstreams.get(config.name)
@@ -97,7 +109,8 @@ class Status:
                 "rate_limited_last_hour": hour.upstream_429,
                 "error_rate": hour.upstream_errors / hour.upstream_requests if hour.upstream_requests else 0.0,
                 "ratelimit_remaining": remaining, "ratelimit_limit": limit,
-                "credentials": condition.credentials if condition else None,
+                "credentials": (condition.credentials if secrets else "configured")
+                if condition and condition.credentials else None,
                 "credentials_expire": condition.credentials_expire if condition else None,
                 "ttfb_median": health.ttfb_median() if health else None,
             })
@@ -112,9 +125,10 @@ class Status:
             # Tags of one manifest hold the same bytes: counted once per repository.
             sizes.setdefault(f"{image.upstream}/{image.name}", {})[image.digest] = image.size
         pulls: dict[str, int] = {}
-        for (upstream, name, _), count in self._activity.pulls.items():
-            if visible(upstream, name):
-                pulls[f"{upstream}/{name}"] = pulls.get(f"{upstream}/{name}", 0) + count.count
+        for (upstream, name, reference), count in self._activity.pulls.items():
+            # By tag, as an image's own count: a platform's manifest is part of its index's pull.
+            if visible(upstream, name) and not reference.startswith("sha256:"):
+                pulls[f"{upstream}/{name}"] = pulls.get(f"{upstream}/{name}", 0) + count
         hour = self._activity.last_hour(EVICTION_UPSTREAM)
         since = self._activity.totals.get(EVICTION_UPSTREAM, Tally())
         budget = eviction.max_size
@@ -131,18 +145,22 @@ class Status:
                              sorted(pulls.items(), key=lambda item: -item[1])[:TOP]],
         }
 
-    async def images(self, visible: Visible) -> list[dict[str, Any]]:
+    async def images(self, visible: Visible, administrable: Visible) -> list[dict[str, Any]]:
+        """`administrable`: whether the viewer may pin and unpin each."""
         now = self._clock()
+        ttls = {u.name: u.tag_ttl for u in self._config.upstreams}
         shown = []
         for image in await self._images():
             if not visible(image.upstream, image.name):
                 continue
-            pulls = self._activity.pulls.get((image.upstream, image.name, image.tag))
-            ttl = self._config.upstream(image.upstream).tag_ttl
+            # An upstream no longer configured: its tags are not revalidated, nor served.
+            ttl = ttls.get(image.upstream, math.inf)
             age = max(now - image.checked_at, 0.0)
-            shown.append({**asdict(image), "pulls": pulls.count if pulls else 0,
-                          "tag_age": age, "ttl_left": max(ttl - age, 0.0) if ttl != float("inf") else None,
-                          "platforms": await self._platforms(image)})
+            pulls = self._activity.pulls.get((image.upstream, image.name, image.tag), 0)
+            shown.append({**asdict(image), "pulls": pulls,
+                          "tag_age": age, "ttl_left": max(ttl - age, 0.0) if ttl != math.inf else None,
+                          "platforms": await self._platforms(image),
+                          "can_pin": administrable(image.upstream, image.name)})
         return shown
 
     async def _platforms(self, image: CachedImage) -> list[dict[str, object]]:
@@ -172,31 +190,37 @@ class Status:
     # Admin operations.
 
     async def pin(self, upstream: str, name: str, reference: str, pinned: bool) -> str | None:
-        """The pinned (or unpinned) image's manifest digest; None if it is not cached."""
+        """The pinned (or unpinned) image's manifest digest; None if it is not cached for that
+        repository (a digest cached for another is not this one's to pin)."""
+        index = self._services.index
+        if reference.startswith("sha256:") and not await index.is_linked(upstream, name, Digest.parse(reference)):
+            return None
         try:
-            return await self._services.index.set_pinned(upstream, name, reference, pinned)
+            return await index.set_pinned(upstream, name, reference, pinned)
         finally:
-            self._listing = None
+            self._changed()
 
     async def gc(self, dry_run: bool) -> GcResult:
         try:
             before, after, evicted = await collect_live(self._services, dry_run)
         finally:
-            self._listing = None
+            self._changed()
         return GcResult(dry_run, before, after, [{"digest": str(e.digest), "size": e.size} for e in evicted])
 
-    async def seed(self, references: list[str]) -> list[dict[str, Any]]:
-        """Fetch and pin each image now, as `mirror seed` does on a stopped cache."""
-        services = self._services
+    def image_specs(self, references: list[str]) -> list[ImageSpec]:
         try:
-            specs = from_arguments(references, self._config)
+            return from_arguments(references, self._config)
         except ConfigError as exc:
             raise RequestInvalid(str(exc)) from None
+
+    async def seed(self, specs: list[ImageSpec]) -> list[dict[str, Any]]:
+        """Fetch and pin each image now, as `mirror seed` does on a stopped cache."""
+        services = self._services
         seeder = Seeder(CacheFetcher(services.proxy, services.referrers, services.index), pin=True)
         try:
             done, failed = await seed_all(seeder, specs, False)
         finally:
-            self._listing = None
+            self._changed()
         return ([{"reference": s.reference, "digest": s.digest, "pinned": s.pinned, "blobs": len(s.blobs),
                   "bytes_fetched": s.bytes_fetched} for s in done]
                 + [{"reference": str(spec), "error": error.message} for spec, error in failed])

@@ -15,9 +15,11 @@ from typing import Any
 
 import aiohttp
 import bcrypt
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from mirror.config import AccessRule, AuthConfig
+from mirror.app import SERVICES, create_app, create_ops_app
+from mirror.config import AccessRule, AuthConfig, Config, TlsConfig, UpstreamConfig
 from tests.conftest import Mirror, MirrorFactory, Registry
 from tests.support.fake_upstream import FakeUpstream, Forced
 from tests.support.pulls import CACHE, TIMEOUT, Clock, add_image, fetch, pull_blob, pull_manifest
@@ -173,10 +175,12 @@ async def metrics(client: aiohttp.ClientSession, mirror: Mirror) -> list[tuple[s
         return samples(await response.text())
 
 
-USERS = {"alice": "alice-password", "bob": "bob-password"}
-"""alice administers everything; bob may pull team/* only."""
+USERS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password"}
+"""alice administers everything; bob may pull team/* only; carol administers everything but secret/*."""
 RULES = (AccessRule(("user:alice",), True, ("*",), frozenset({"pull", "admin"})),
-         AccessRule(("user:bob",), True, (f"{REGISTRY}/team/*",)))
+         AccessRule(("user:bob",), True, (f"{REGISTRY}/team/*",)),
+         AccessRule(("user:carol",), False, (f"{REGISTRY}/secret/*",), frozenset({"pull", "admin"})),
+         AccessRule(("user:carol",), True, ("*",), frozenset({"pull", "admin"})))
 READS = ("status", "effectiveness", "downloads", "upstreams", "storage", "images", "failures")
 
 
@@ -195,7 +199,7 @@ async def test_only_an_admin_changes_anything_and_nobody_sees_what_they_may_not_
     mirror = await make_mirror({"docker.io": "http://127.0.0.1:9", REGISTRY: fake.url},
                                auth=AuthConfig(htpasswd=write_htpasswd(tmp_path / "htpasswd"), rules=RULES),
                                username="mirror-account", password="upstream-secret-password")
-    alice, bob = (aiohttp.encode_basic_auth(user, USERS[user]) for user in ("alice", "bob"))
+    alice, bob, carol = (aiohttp.encode_basic_auth(user, USERS[user]) for user in ("alice", "bob", "carol"))
     for image in (team, secret):
         pulled = await fetch(client, f"{mirror.url}/v2/{REGISTRY}/{image.name}/manifests/v1",
                              headers={"Authorization": alice})
@@ -231,6 +235,30 @@ async def test_only_an_admin_changes_anything_and_nobody_sees_what_they_may_not_
         assert (status, answer["errors"][0]["code"]) == (403, "DENIED"), action
     _, images = await api(client, mirror, "images", token=None, auth=alice)
     assert not any(i["pinned"] for i in images)
+    _, upstreams = await api(client, mirror, "upstreams", token=None, auth=bob)
+    assert {u["name"]: u["credentials"] for u in upstreams}[REGISTRY] == "configured"
+
+    # carol administers all but secret/*: she pins team images, and never a secret one, not even
+    # by naming its digest under a repository of hers; gc (everywhere, no exception) is not hers.
+    _, images = await api(client, mirror, "images", token=None, auth=carol)
+    assert [(i["name"], i["can_pin"]) for i in images] == [("team/app", True)]
+    status, answer = await api(client, mirror, "pin", "POST", {"image": f"{REGISTRY}/team/app@{secret.digest}"},
+                               token=None, auth=carol)
+    assert (status, answer["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN")
+    for action, body in (("pin", {"image": f"{REGISTRY}/secret/app:v1"}), ("gc", {"dry_run": True}),
+                         ("seed", {"images": [f"{REGISTRY}/team/app:v1", f"{REGISTRY}/secret/app:v1"]})):
+        status, answer = await api(client, mirror, action, "POST", body, token=None, auth=carol)
+        assert (status, answer["errors"][0]["code"]) == (403, "DENIED"), action
+    status, pinned = await api(client, mirror, "pin", "POST", {"image": f"{REGISTRY}/team/app@{team.digest}"},
+                               token=None, auth=carol)
+    assert (status, pinned["pinned"]) == (200, True)
+    status, pinned = await api(client, mirror, "unpin", "POST", {"image": f"{REGISTRY}/team/app:v1"},
+                               token=None, auth=carol)
+    assert (status, pinned["pinned"]) == (200, False)
+    _, images = await api(client, mirror, "images", token=None, auth=alice)
+    assert not any(i["pinned"] for i in images)
+    async with client.get(f"{mirror.url}/api/v1/images", headers={"Authorization": "Bearer \udcff"}) as response:
+        assert response.status == 401
 
     # alice sees everything and may do anything.
     _, images = await api(client, mirror, "images", token=None, auth=alice)
@@ -349,6 +377,12 @@ async def test_pin_unpin_gc_and_ls_against_a_running_mirror(
     assert code == 1 and "admin" in err
     code, _, err = await mirror_cli("gc", "--server", mirror.url, "--max-size", "1GiB")
     assert code == 2 and "--max-size" in err
+    code, _, err = await mirror_cli("pin", "--token-file", str(tmp_path / "admin.token"), "alpine:3.19")
+    assert code == 2 and "--server" in err
+    code, _, err = await mirror_cli("ls", *server, "--user", "alice")
+    assert code == 2 and "not both" in err
+    code, _, err = await mirror_cli("pin", *server, "team/UPPER:v1")
+    assert code == 2 and "UPPER" in err
 
 
 async def test_recent_failures_say_why_a_pull_failed(
@@ -399,3 +433,31 @@ async def test_an_index_lists_which_platforms_are_cached(make_mirror: MirrorFact
     assert [(i["name"], i["tag"], i["platforms"]) for i in images] == [
         ("library/multi", "1.0", [{"platform": "linux/amd64", "present": True},
                                   {"platform": "linux/arm64", "present": False}])]
+
+
+async def test_the_metrics_listener_shows_the_page_and_changes_only_without_tls(
+        fake: FakeUpstream, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """Beside a TLS API, the plain-HTTP metrics listener only shows: an administrator's token
+    would cross it in the clear."""
+    add_image(fake, "team/app", "v1", [b"layer"])
+    for tls, may_change in ((None, True), (TlsConfig(tmp_path / "tls.crt", tmp_path / "tls.key"), False)):
+        config = Config(host="127.0.0.1", port=0, cache_dir=tmp_path / f"cache-{may_change}",
+                        default_upstream=REGISTRY, admin_token_file=token_file(tmp_path), tls=tls,
+                        upstreams=(UpstreamConfig(name=REGISTRY, url=fake.url),))
+        app = create_app(config)
+        api_server, ops_server = TestServer(app, host="127.0.0.1"), TestServer(create_ops_app(app, config),
+                                                                              host="127.0.0.1")
+        await api_server.start_server()
+        await ops_server.start_server()
+        try:
+            assert (await pull_manifest(client, Mirror(api_server, app[SERVICES]), "team/app", "v1")).status == 200
+            ops = Mirror(ops_server, app[SERVICES])
+            async with client.get(f"{ops.url}/status") as response:
+                assert response.status == 200
+            status, images = await api(client, ops, "images")
+            assert (status, [i["can_pin"] for i in images]) == (200, [may_change])
+            status, answer = await api(client, ops, "pin", "POST", {"image": f"{REGISTRY}/team/app:v1"})
+            assert (status == 200) is may_change, answer
+        finally:
+            await ops_server.close()
+            await api_server.close()

@@ -121,13 +121,18 @@ async def ecr_stand_in(servers: list[TestServer], clock: Clock) -> tuple[EcrApi,
 
 async def test_ecr_token_is_signed_shared_and_sent_only_to_the_registry(
         aws_environment: None, wall: Clock, fake: FakeUpstream, make_mirror: MirrorFactory,
-        client: aiohttp.ClientSession, servers: list[TestServer], logs: pytest.LogCaptureFixture) -> None:
+        client: aiohttp.ClientSession, servers: list[TestServer], logs: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
     api, spec = await ecr_stand_in(servers, wall)
     fake.auth, fake.credentials = "basic", ("AWS", api.secret(1))
     image = add_image(fake, layers=[b"ecr layer"])
     for tag in ("a", "b", "c"):
         add_image(fake, tag=tag, seed=ord(tag))
-    mirror = await make_mirror({"123456789012.dkr.ecr.us-east-1.amazonaws.com": fake.url}, credentials=spec)
+    token = tmp_path / "admin.token"
+    token.write_text("admin-token-0123456789")
+    token.chmod(0o600)
+    mirror = await make_mirror({"123456789012.dkr.ecr.us-east-1.amazonaws.com": fake.url}, credentials=spec,
+                               admin_token_file=token)
 
     # Concurrent first pulls share one GetAuthorizationToken.
     results = list(await asyncio.gather(
@@ -141,12 +146,14 @@ async def test_ecr_token_is_signed_shared_and_sent_only_to_the_registry(
     assert {a for a in fake.authorizations if a is not None} == {basic("AWS", api.secret(1))}
     assert_no_secret(logs, results, [AWS_SECRET], [("AWS", api.secret(1))])
 
-    # The status API says where the credentials come from and when they expire, never what they are.
-    async with client.get(f"{mirror.url}/api/v1/upstreams") as response:
-        text = await response.text()
-    (shown,) = json.loads(text)
-    assert "ECR" in shown["credentials"] and shown["credentials_expire"] == pytest.approx(wall.now + api.lifetime)
-    assert api.secret(1) not in text and AWS_SECRET not in text
+    # The status API says when the credentials expire, where they come from to an administrator
+    # only, and never what they are.
+    for headers, source in (({}, "configured"), ({"Authorization": "Bearer admin-token-0123456789"}, "ECR")):
+        async with client.get(f"{mirror.url}/api/v1/upstreams", headers=headers) as response:
+            text = await response.text()
+        (shown,) = json.loads(text)
+        assert source in shown["credentials"] and shown["credentials_expire"] == pytest.approx(wall.now + api.lifetime)
+        assert api.secret(1) not in text and AWS_SECRET not in text
 
 
 async def test_ecr_token_is_renewed_before_it_expires(
