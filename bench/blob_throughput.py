@@ -351,9 +351,10 @@ def source_state() -> dict[str, Any]:
     """Which mirror code was measured: the commit, whether the tree was dirty, and a hash of
     the mirror package's sources as they were on disk (other work may be uncommitted)."""
     def git(*args: str) -> str:
+        # Only trailing space goes: porcelain lines start with a status column that may be blank.
         try:
             return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=10, check=False).stdout.strip()
+                                  timeout=10, check=False).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
     hasher = hashlib.sha256()
