@@ -164,6 +164,10 @@ class Fill:
         await self._writer.write(data)
         self._notify()
 
+    async def receive(self, sock: int, count: int, timeout: float | None) -> None:
+        assert self._writer is not None
+        await self._writer.receive(sock, count, timeout, self._notify)
+
     async def commit(self) -> None:
         """Verify, release the last byte to readers, then publish. Readers need not wait for
         the fsync: what they were given is proven correct whether or not it lands on disk."""

@@ -10,19 +10,22 @@ bucket). The spool is always on a local disk, whatever the store: readers tail a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import functools
 import hashlib
 import os
 import secrets
+import select
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from mirror.errors import CacheBusy, CacheWriteError, IntegrityError
+from mirror.errors import CacheBusy, CacheWriteError, IntegrityError, Unavailable
 from mirror.oci import Digest
 
 V = TypeVar("V")
@@ -34,6 +37,17 @@ RESERVE = 1 << 20
 # while the next is copied.
 COPY_STEP = 64 << 20
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+# At most this much of a socket is moved by one step of `BlobWriter.receive` (one worker-thread
+# hand-off) before readers hear of it; a step ends sooner when the socket has nothing more yet.
+RECEIVE_STEP = 8 << 20
+# The pipe a socket is spliced through: Linux's limit for an unprivileged pipe.
+PIPE_SIZE = 1 << 20
+# How long a step waits, in its thread, for more of a socket that has nothing right now: long
+# enough to make steps large while bytes flow, short enough that a thread is never held by a
+# slow upstream (waits longer than this are the event loop's).
+STEP_WAIT = 0.002
+# Read-back buffer for hashing what the kernel wrote.
+HASH_BUFFER = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,9 @@ class BlobWriter:
         then verified for its own readers, and published nowhere."""
         self._pending: asyncio.Future[Any] | None = None
         self._broken: OSError | None = None
+        self._reader = -1
+        self._buffer: bytearray | None = None
+        self._pipe: tuple[int, int] | None = None
 
     @property
     def fd(self) -> int:
@@ -182,6 +199,71 @@ class BlobWriter:
                 if self.publishing:
                     await self._destination.grew(self)
         await self._in_threads(functools.partial(self._hash_copied, hashed, self.written))
+
+    async def receive(self, sock: int, count: int, timeout: float | None, progress: Callable[[], None]) -> None:
+        """Append `count` bytes read from the socket `sock`, spliced into the spool file by the
+        kernel: none of them is copied through Python on the way in. Each step is hashed from the
+        file, and `progress` told, before the next. Raises Unavailable when the socket ends or
+        fails first (what arrived stays: a resume goes on from it), TimeoutError when it stays
+        silent for `timeout` s."""
+        if self.expected_size is not None and self.written + count > self.expected_size:
+            raise IntegrityError(f"upstream sent more than the {self.expected_size} bytes of {self.digest}")
+        while count:
+            moved = await self._in_thread(functools.partial(self._receive_step, sock, min(count, RECEIVE_STEP)))
+            if not moved:
+                await _readable(sock, timeout)
+                continue
+            count -= moved
+            self.written += moved
+            if self.publishing:
+                await self._destination.grew(self)
+            progress()
+
+    def _receive_step(self, sock: int, limit: int) -> int:
+        """Splice up to `limit` bytes from `sock` to the end of the file, then hash them; returns
+        how many moved (fewer, or none, once the socket has had nothing more for STEP_WAIT)."""
+        if self._pipe is None:
+            self._pipe = os.pipe2(os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # a smaller pipe only means more steps
+                fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        pipe_out, pipe_in = self._pipe
+        start = self.written
+        moved = 0
+        deadline = time.monotonic() + STEP_WAIT
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while moved < limit:
+            try:
+                got = os.splice(sock, pipe_in, min(limit - moved, PIPE_SIZE),
+                                flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    break
+                continue
+            except OSError as exc:
+                raise Unavailable(f"upstream connection failed: {exc.strerror}") from None
+            if got == 0:
+                if moved:
+                    break
+                raise Unavailable(f"upstream connection ended after {self.written} bytes")
+            while got:
+                # Into the file: a failure here is the cache's (OSError marks the writer broken).
+                put = os.splice(pipe_out, self._fd, got, flags=os.SPLICE_F_MOVE)
+                got -= put
+                moved += put
+        self._hash_range(start, start + moved)
+        return moved
+
+    async def _in_thread(self, work: Callable[[], V]) -> V:
+        """As `_in_threads`, for one piece of work whose result is wanted."""
+        if self._broken is not None:
+            raise CacheWriteError.of(self._broken)
+        try:
+            return await self._guarded(asyncio.to_thread(work))
+        except OSError as exc:
+            self._broken = exc
+            raise CacheWriteError.of(exc) from exc
 
     async def _in_threads(self, *works: Callable[[], None]) -> None:
         """Blocking file work in worker threads. A thread cannot be cancelled, so the work is
@@ -228,20 +310,25 @@ class BlobWriter:
                 copied += len(data)
 
     def _hash_copied(self, start: int, end: int) -> None:
-        """Hash what `_copy_in` wrote between `start` and `end`, read back through the page cache."""
+        """Hash what `_copy_in` wrote between `start` and `end`."""
+        self._hash_range(start, end)
+
+    def _hash_range(self, start: int, end: int) -> None:
+        """Hash bytes [start, end) of the file, read back through the page cache (where the
+        kernel just wrote them) into one reused buffer."""
         if start == end:
             return
-        buffer = bytearray(min(end - start, 4 << 20))
-        reader = os.open(self.temp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while start < end:
-                got = os.preadv(reader, [memoryview(buffer)[:end - start]], start)
-                if got == 0:
-                    raise IntegrityError(f"{self.digest}: the copy ended at {start} bytes")
-                self._hash.update(memoryview(buffer)[:got])
-                start += got
-        finally:
-            os.close(reader)
+        if self._reader < 0:
+            self._reader = os.open(self.temp, os.O_RDONLY | os.O_CLOEXEC)
+        if self._buffer is None:
+            self._buffer = bytearray(HASH_BUFFER)
+        view = memoryview(self._buffer)
+        while start < end:
+            got = os.preadv(self._reader, [view[:end - start]], start)
+            if got == 0:
+                raise IntegrityError(f"{self.digest}: the file ended at {start} bytes")
+            self._hash.update(view[:got])
+            start += got
 
     def verify(self) -> None:
         """Raise IntegrityError unless exactly the expected bytes arrived."""
@@ -276,12 +363,34 @@ class BlobWriter:
             await asyncio.wait([self._pending])
             if not self._pending.cancelled():
                 self._pending.exception()  # seen here if its caller was cancelled
+        for fd in (self._reader, *(self._pipe or ())):
+            if fd >= 0:
+                os.close(fd)
+        self._reader, self._pipe = -1, None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
             self.temp.unlink(missing_ok=True)
             if not self.committed:
                 await self._destination.abandon()
+
+
+async def _readable(sock: int, timeout: float | None) -> None:
+    """Until `sock` has bytes (or its end) to read, on the event loop; TimeoutError after
+    `timeout` s of silence."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+    loop.add_reader(sock, wake)
+    try:
+        async with asyncio.timeout(timeout):
+            await ready
+    except TimeoutError:
+        raise TimeoutError(f"upstream silent for {timeout} s") from None
+    finally:
+        loop.remove_reader(sock)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

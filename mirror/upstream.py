@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -94,6 +95,10 @@ class BlobSink(Protocol):
     def size(self) -> int | None: ...
     def begin(self, size: int | None) -> None: ...
     async def write(self, data: bytes) -> None: ...
+
+    async def receive(self, sock: int, count: int, timeout: float | None) -> None:
+        """Append the next `count` bytes of the socket `sock` (a plain-HTTP body): raises
+        Unavailable if it ends or fails first, TimeoutError after `timeout` s of silence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,15 +394,18 @@ class Upstream:
                     if not sink.begun:
                         sink.begin(response.content_length)
                     skip = _bytes_to_skip(response, sink, digest)
-                    # Everything buffered so far, in one piece: large under load (the socket
-                    # fills the buffer while the last piece is hashed and written), prompt
-                    # when the upstream trickles.
-                    async for chunk in response.content.iter_any():
-                        self._received.inc(len(chunk))
-                        if skip:
-                            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-                        if chunk:
-                            await sink.write(chunk)
+                    if not skip and (raw := _raw_body(response)) is not None:
+                        await self._receive(response, sink, *raw)
+                    else:
+                        # Everything buffered so far, in one piece: large under load (the socket
+                        # fills the buffer while the last piece is hashed and written), prompt
+                        # when the upstream trickles.
+                        async for chunk in response.content.iter_any():
+                            self._received.inc(len(chunk))
+                            if skip:
+                                chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                            if chunk:
+                                await sink.write(chunk)
                 if sink.size is None or sink.written == sink.size:
                     return
                 raise Unavailable(f"upstream {self.name} ended {digest} after {sink.written} bytes")
@@ -410,6 +418,20 @@ class Upstream:
                     raise Unavailable(f"upstream {self.name} keeps failing on {digest}") from exc
                 log.info("resuming %s at byte %d after: %r", digest, sink.written, exc)
                 await asyncio.sleep(RESUME_BACKOFF * failures)
+
+    async def _receive(self, response: aiohttp.ClientResponse, sink: BlobSink, sock: int, early: bytes) -> None:
+        """The rest of a plain-HTTP body straight from its socket into `sink`; the connection is
+        closed after, since aiohttp no longer knows where its stream stands."""
+        assert response.content_length is not None
+        before = sink.written
+        try:
+            if early:
+                await sink.write(early)
+            await sink.receive(sock, response.content_length - len(early), self._blob_session.timeout.sock_read)
+        finally:
+            self._received.inc(sink.written - before)
+            os.close(sock)
+            response.close()
 
     async def get_tags(self, name: str, query: Mapping[str, str]) -> tuple[bytes, str | None]:
         """The tag list body as the upstream sent it, and its Link header."""
@@ -464,6 +486,30 @@ class Upstream:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Unavailable(f"upstream {self.name} failed mid-{what}: {type(exc).__name__}") from exc
         return bytes(body)
+
+
+def _raw_body(response: aiohttp.ClientResponse) -> tuple[int, bytes] | None:
+    """The socket a plain-HTTP body arrives on (a descriptor of our own), taken over from aiohttp
+    with the part of the body it had read already: the rest can then be spliced into the spool
+    in the kernel, instead of being copied through aiohttp's buffers and Python's bytes. None
+    where the socket's bytes are not the body itself (TLS, a chunked or encoded body), or where
+    aiohttp may hold more than its stream shows (its reading paused for a full buffer). What is
+    taken is still checked against the digest like any download."""
+    connection = response.connection
+    if (response.content_length is None or "Transfer-Encoding" in response.headers
+            or response.headers.get("Content-Encoding", "identity") != "identity" or connection is None):
+        return None
+    protocol, transport = connection.protocol, connection.transport
+    if (protocol is None or transport is None or transport.get_extra_info("sslcontext") is not None
+            or getattr(protocol, "_reading_paused", True) or getattr(protocol, "_buffer_paused", True)):
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    early = response.content.read_nowait()
+    # No more bytes go to aiohttp from here (nor does its read timeout run: `receive` has its own).
+    protocol.pause_reading()
+    return os.dup(sock.fileno()), early
 
 
 def _bytes_to_skip(response: aiohttp.ClientResponse, sink: BlobSink, digest: Digest) -> int:

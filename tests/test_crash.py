@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import sqlite3
+import stat
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -537,6 +538,16 @@ class InjectedOs(Disk):
         written = os.write(fd, memoryview(data)[:self.room])
         self.room -= written
         return written
+
+    def splice(self, src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
+        """Bytes spliced into a file (a download taken straight from its socket) are writes too."""
+        if self.room is None or not stat.S_ISREG(os.fstat(dst).st_mode):
+            return os.splice(src, dst, count, *args, **kwargs)
+        if self.room <= 0:
+            return self.write(dst, b"")
+        moved = os.splice(src, dst, min(count, self.room), *args, **kwargs)
+        self.room -= moved
+        return moved
 
     def leave_free(self, free: int) -> None:
         self.room = free
