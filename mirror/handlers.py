@@ -153,6 +153,12 @@ class RegistryHandlers:
                            ) -> web.StreamResponse:
         proxy = request.app[PROXY]
         headers = {**headers, CACHE_HEADER: CacheResult.HIT.value}
+        if blob.body is not None:
+            start, end = self._range(request, blob.size) or (0, blob.size)
+            if end - start == blob.size:
+                return web.Response(body=blob.body, headers=headers)
+            return web.Response(body=blob.body[start:end], status=206, headers={
+                **headers, "Content-Range": f"bytes {start}-{end - 1}/{blob.size}"})
         if blob.redirect is not None:
             # The client fetches it from the bucket itself (a Range goes with it there).
             proxy.done_reading(blob)

@@ -72,6 +72,10 @@ ACCEPT_ALL = ", ".join(MANIFEST_MEDIA_TYPES)
 _STALE_IF = (Unavailable, TooManyRequests, IntegrityError, ManifestInvalid, CacheWriteError, UpstreamRefused)
 # Absent manifests and failed tag checks remembered at most, per upstream / in all.
 _REMEMBERED = 65536
+# Bytes of manifest bodies and small blobs kept in memory (more than the largest manifest
+# accepted), and what a small blob is: answered from memory, without a file opened and sent.
+MANIFEST_MEMORY = 32 << 20
+SMALL_BLOB = 64 << 10
 # Tries to catch a blob that keeps finishing downloading between two looks.
 _ROUNDS = 3
 # How long a replica waits for the manifest another replica is fetching, before fetching it too.
@@ -106,6 +110,8 @@ class CachedBlob:
     """A local file to send with sendfile; None where the store streams it (`Proxy.chunks`)."""
     redirect: str | None = None
     """Where the client may fetch it itself (a presigned bucket URL), if the store says so."""
+    body: bytes | None = None
+    """The whole blob, where it is small enough to be answered from memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,9 @@ class Proxy:
         self._revalidate_timeout = revalidate_timeout
         self._clock = clock or time.time
         self.fills = Fills(store, background)
+        # Manifest bodies and small blobs most recently served: a hit then costs no file read (a
+        # thread hand-off and an open per request, most of a small hit's cost).
+        self._bodies: LRUCache[Digest, bytes] = LRUCache(MANIFEST_MEMORY, getsizeof=len)
         self._fetches: Coalescer[tuple[str, ...], ManifestResult] = Coalescer(background)
         # (upstream, name, tag) -> when its last check failed, and why.
         self._failed_checks: LRUCache[tuple[str, str, str], tuple[float, MirrorError]] = LRUCache(_REMEMBERED)
@@ -260,12 +269,17 @@ class Proxy:
         return result
 
     async def cached_manifest(self, digest: Digest) -> ManifestResult | None:
+        # The index says first whether it is still cached (evicted: forgotten there); the bytes
+        # of a digest never change, so memory may answer for the store.
         media_type = await self._index.manifest_type(digest)
         if media_type is None:
             return None
-        body = await self._store.read(digest)
+        body = self._bodies.get(digest)
         if body is None:
-            return None
+            body = await self._store.read(digest)
+            if body is None:
+                return None
+            self._bodies[digest] = body
         self._index.touch(digest)
         return ManifestResult(body, media_type, digest, CacheResult.HIT)
 
@@ -367,6 +381,8 @@ class Proxy:
                     size = await self._store.size(digest)
                 if size is not None:
                     self._index.touch(digest)
+                    if size <= SMALL_BLOB and (body := await self._small(digest)) is not None:
+                        return CachedBlob(size, digest, None, body=body)
                     self._evictor.reading(digest)  # until `done_reading`: eviction leaves it alone
                     return CachedBlob(size, digest, self._store.local_path(digest), await self._store.redirect(digest))
                 if (fill := self.fills.active(digest)) is not None:
@@ -389,6 +405,13 @@ class Proxy:
             if (file := fill.reader()) is not None:
                 return StreamingBlob(fill, CacheResult.MISS, file)
         raise Unavailable(f"{digest} kept finishing before it could be read: try again")
+
+    async def _small(self, digest: Digest) -> bytes | None:
+        """A small cached blob (a config, a signature) from memory, or read once into it."""
+        body = self._bodies.get(digest)
+        if body is None and (body := await self._store.read(digest)) is not None:
+            self._bodies[digest] = body
+        return body
 
     async def small_blob(self, route: Route) -> bytes:
         """A whole small blob (a signature's payload), through the cache like any blob."""
@@ -460,7 +483,8 @@ class Proxy:
             log.warning("published %s but could not index it (the next start-up will): %s", digest, exc.message)
 
     def done_reading(self, blob: CachedBlob) -> None:
-        self._evictor.done(blob.digest)
+        if blob.body is None:  # one from memory was never marked as being read
+            self._evictor.done(blob.digest)
 
     async def _ensure_visible(self, upstream: Source, name: str, digest: Digest, kind: str) -> None:
         """Raise unless `name` may see `digest`: known from its manifests, or confirmed by the
