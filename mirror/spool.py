@@ -165,6 +165,7 @@ class BlobWriter:
         self._broken: OSError | None = None
         self._reader = -1
         self._buffer: bytearray | None = None
+        self._hashed = 0
         self._pipe: tuple[int, int] | None = None
 
     @property
@@ -202,32 +203,48 @@ class BlobWriter:
 
     async def receive(self, sock: int, count: int, timeout: float | None, progress: Callable[[], None]) -> None:
         """Append `count` bytes read from the socket `sock`, spliced into the spool file by the
-        kernel: none of them is copied through Python on the way in. Each step is hashed from the
-        file, and `progress` told, before the next. Raises Unavailable when the socket ends or
-        fails first (what arrived stays: a resume goes on from it), TimeoutError when it stays
-        silent for `timeout` s."""
+        kernel: none of them is copied through Python on the way in. `progress` is told of each
+        step as it lands (readers may send it: the last byte is held until `verify` anyway), and
+        a step is hashed from the file while the next one is spliced. Raises Unavailable when the
+        socket ends or fails first (what arrived stays: a resume goes on from it), TimeoutError
+        when it stays silent for `timeout` s."""
         if self.expected_size is not None and self.written + count > self.expected_size:
             raise IntegrityError(f"upstream sent more than the {self.expected_size} bytes of {self.digest}")
-        while count:
-            moved = await self._in_thread(functools.partial(self._receive_step, sock, min(count, RECEIVE_STEP)))
-            if not moved:
-                await _readable(sock, timeout)
-                continue
-            count -= moved
-            self.written += moved
-            if self.publishing:
-                await self._destination.grew(self)
-            progress()
+        self._hashed = self.written
+        try:
+            while count:
+                moved, _ = await self._in_threads(
+                    functools.partial(self._receive_step, sock, min(count, RECEIVE_STEP)),
+                    functools.partial(self._hash_to, self.written))
+                if not moved:
+                    await _readable(sock, timeout)
+                    continue
+                assert isinstance(moved, int)
+                count -= moved
+                self.written += moved
+                if self.publishing:
+                    await self._destination.grew(self)
+                progress()
+        finally:
+            # What landed is hashed whatever happened next: a resume appends to it.
+            # (Not while a step still runs: a cancelled receive is never resumed.)
+            if self._broken is None and self._hashed < self.written and (
+                    self._pending is None or self._pending.done()):
+                await self._in_threads(functools.partial(self._hash_to, self.written))
+
+    def _hash_to(self, end: int) -> None:
+        """Hash what `receive` spliced, up to `end`."""
+        self._hash_range(self._hashed, end)
+        self._hashed = end
 
     def _receive_step(self, sock: int, limit: int) -> int:
-        """Splice up to `limit` bytes from `sock` to the end of the file, then hash them; returns
-        how many moved (fewer, or none, once the socket has had nothing more for STEP_WAIT)."""
+        """Splice up to `limit` bytes from `sock` to the end of the file; returns how many moved
+        (fewer, or none, once the socket has had nothing more for STEP_WAIT)."""
         if self._pipe is None:
             self._pipe = os.pipe2(os.O_CLOEXEC)
             with contextlib.suppress(OSError):  # a smaller pipe only means more steps
                 fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         pipe_out, pipe_in = self._pipe
-        start = self.written
         moved = 0
         deadline = time.monotonic() + STEP_WAIT
         poller = select.poll()
@@ -252,20 +269,9 @@ class BlobWriter:
                 put = os.splice(pipe_out, self._fd, got, flags=os.SPLICE_F_MOVE)
                 got -= put
                 moved += put
-        self._hash_range(start, start + moved)
         return moved
 
-    async def _in_thread(self, work: Callable[[], V]) -> V:
-        """As `_in_threads`, for one piece of work whose result is wanted."""
-        if self._broken is not None:
-            raise CacheWriteError.of(self._broken)
-        try:
-            return await self._guarded(asyncio.to_thread(work))
-        except OSError as exc:
-            self._broken = exc
-            raise CacheWriteError.of(exc) from exc
-
-    async def _in_threads(self, *works: Callable[[], None]) -> None:
+    async def _in_threads(self, *works: Callable[[], object]) -> list[object]:
         """Blocking file work in worker threads. A thread cannot be cancelled, so the work is
         shielded and remembered: `discard` waits for it before closing the descriptor it uses."""
         if self._broken is not None:
@@ -280,6 +286,7 @@ class BlobWriter:
                 raise CacheWriteError.of(outcome) from outcome
             if isinstance(outcome, BaseException):
                 raise outcome
+        return list(outcomes)
 
     async def _guarded(self, work: Awaitable[V]) -> V:
         """`work` shielded from the caller's cancellation, and remembered for `discard`."""
