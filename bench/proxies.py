@@ -120,7 +120,9 @@ from bench.blob_throughput import (  # noqa: E402
     blob_digest,
     find_mirror_binary,
     human_size,
+    log,
     parse_size,
+    source_state,
 )
 from tests.support.images import populate, push_blob_stream  # noqa: E402
 from tests.support.registry import LocalRegistry, find_registry_binary, free_port  # noqa: E402
@@ -168,29 +170,6 @@ TARGET_TAG_VS_UPSTREAM = 2.0
 TARGET_P99_MS = 20.0
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def source_state() -> dict[str, Any]:
-    """Which code was measured: the commit, the uncommitted files under mirror/, and a hash of the
-    mirror package's sources as they were on disk (someone may be editing them meanwhile)."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
-                                  check=False).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    hasher = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "mirror").rglob("*.py")):
-        with contextlib.suppress(OSError):
-            hasher.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
-    return {"commit": git("rev-parse", "HEAD").strip() or None,
-            "dirty_mirror_files": [line[3:] for line in git("status", "--porcelain", "--", "mirror").splitlines()
-                                   if len(line) > 3],
-            "mirror_sources_sha256": hasher.hexdigest()}
 
 
 # CPU time of process trees, from /proc
@@ -527,31 +506,10 @@ class DistributionProxy(LocalRegistry):
                 / "data")
 
     def _write_config(self, port: int) -> None:
-        self.config_path.write_text("\n".join([
-            "version: 0.1",
-            "log:",
-            "  level: warn",
-            "  formatter: text",
-            "  accesslog:",
-            "    disabled: true",
-            "storage:",
-            "  filesystem:",
-            f"    rootdirectory: {json.dumps(str(self.storage_dir))}",
-            "  cache:",
-            "    blobdescriptor: inmemory",
-            "  maintenance:",
-            "    uploadpurging:",
-            "      enabled: false",
-            "http:",
-            f"  addr: {json.dumps(f'127.0.0.1:{port}')}",
-            f"  secret: {json.dumps('mirror-bench-not-secret')}",
-            "health:",
-            "  storagedriver:",
-            "    enabled: false",
-            "proxy:",
-            f"  remoteurl: {json.dumps(self.upstream)}",
-            "",
-        ]))
+        """The upstream test registry's own config, made a pull-through cache."""
+        super()._write_config(port)
+        with self.config_path.open("a") as config:
+            config.write(f"proxy:\n  remoteurl: {json.dumps(self.upstream)}\n")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from mirror.logs import configure as configure_logs
 from mirror.remote import AdminClient
 from mirror.routing import Router, manifest_path
 from mirror.seeding import seed
-from mirror.services import build_store, cached_listing, evict_now, misses_listing, pin_image
+from mirror.services import build_store, cached_listing, evict_now, evicts, misses_listing, pin_image
 
 DESCRIPTION = """\
 A pull-through caching mirror for Docker/OCI registries. Point the Docker daemon
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def collect(config: Config, dry_run: bool, as_json: bool) -> int:
-    if config.eviction.max_size is None and all(u.max_age is None for u in config.upstreams):
+    if not evicts(config):
         print("mirror: neither max_size (config or --max-size) nor any upstream's max_age is set: "
               "nothing to evict", file=sys.stderr)
         return 2

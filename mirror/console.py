@@ -10,7 +10,6 @@ read-only except to that token.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 from collections.abc import Callable
@@ -24,13 +23,13 @@ from mirror.access import ROUTE, USER
 from mirror.auth import ANONYMOUS, Identity
 from mirror.config import Config, read_admin_token
 from mirror.errors import Denied, ManifestUnknown, RequestInvalid, Unauthorized
-from mirror.gate import Gate
+from mirror.gate import Gate, small_body
 from mirror.routing import Router, manifest_path
 from mirror.status import Status
 
 API = "/api/v1"
 _MAX_BODY = 64 * 1024
-_BODY_TIMEOUT = 10.0
+"""An admin request's body at most (a seed names its images)."""
 _NO_STORE = {"Cache-Control": "no-store"}
 # The page is ours alone: no script, style or frame from anywhere else, no framing by others.
 _PAGE_HEADERS = {
@@ -186,17 +185,7 @@ class Console:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     """A small JSON object. Requiring the JSON type keeps other sites' forms out: a cross-origin
     JSON POST needs a CORS preflight, which this API never grants."""
-    if request.content_type != "application/json":
-        raise RequestInvalid("the admin API takes application/json bodies")
-    if (request.content_length or 0) > _MAX_BODY:
-        raise RequestInvalid(f"a request body may be {_MAX_BODY} bytes at most")
-    try:
-        async with asyncio.timeout(_BODY_TIMEOUT):
-            raw = await request.content.read(_MAX_BODY + 1)
-    except TimeoutError:
-        raise RequestInvalid("the request body did not arrive in time") from None
-    if len(raw) > _MAX_BODY:
-        raise RequestInvalid(f"a request body may be {_MAX_BODY} bytes at most")
+    raw = await small_body(request, "application/json", "admin API request", _MAX_BODY)
     try:
         body = json.loads(raw or b"{}")
     except ValueError as exc:
@@ -204,4 +193,3 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestInvalid("the body must be a JSON object")
     return body
-

@@ -132,18 +132,28 @@ def _client(request: web.Request) -> str:
 
 async def _form(request: web.Request) -> dict[str, str]:
     """An OAuth2 form: small, URL-encoded, prompt; anything else is the client's error."""
-    if request.content_type != "application/x-www-form-urlencoded":
-        raise RequestInvalid("a token request's body must be application/x-www-form-urlencoded")
-    if (request.content_length or 0) > _MAX_FORM:
-        raise RequestInvalid(f"a token request's body may be {_MAX_FORM} bytes at most")
+    body = await small_body(request, "application/x-www-form-urlencoded", "token request")
+    try:
+        return dict(parse_qsl(body.decode(), keep_blank_values=True))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestInvalid(f"unreadable token request: {type(exc).__name__}") from exc
+
+
+async def small_body(request: web.Request, media_type: str, what: str, limit: int = _MAX_FORM) -> bytes:
+    """The body of a request that must be small, of `media_type`, and prompt (a slow or endless
+    body would hold a handler); anything else is the client's error."""
+    if request.content_type != media_type:
+        raise RequestInvalid(f"a {what}'s body must be {media_type}")
+    if (request.content_length or 0) > limit:
+        raise RequestInvalid(f"a {what}'s body may be {limit} bytes at most")
     try:
         async with asyncio.timeout(_FORM_TIMEOUT):
-            body = await request.content.read(_MAX_FORM + 1)
-        if len(body) > _MAX_FORM:
-            raise RequestInvalid(f"a token request's body may be {_MAX_FORM} bytes at most")
-        return dict(parse_qsl(body.decode(), keep_blank_values=True))
-    except (TimeoutError, UnicodeDecodeError, ValueError) as exc:
-        raise RequestInvalid(f"unreadable token request: {type(exc).__name__}") from exc
+            body = await request.content.read(limit + 1)
+    except TimeoutError as exc:
+        raise RequestInvalid(f"unreadable {what}: {type(exc).__name__}") from exc
+    if len(body) > limit:
+        raise RequestInvalid(f"a {what}'s body may be {limit} bytes at most")
+    return body
 
 
 def _common_name(peercert: object) -> str | None:

@@ -272,16 +272,14 @@ class Proxy:
         # The index says first whether it is still cached (evicted: forgotten there); the bytes
         # of a digest never change, so memory may answer for the store.
         media_type = await self._index.manifest_type(digest)
-        if media_type is None:
+        if media_type is None or (body := await self.stored_manifest(digest)) is None:
             return None
-        body = self._bodies.get(digest)
-        if body is None:
-            body = await self._store.read(digest)
-            if body is None:
-                return None
-            self._bodies[digest] = body
         self._index.touch(digest)
         return ManifestResult(body, media_type, digest, CacheResult.HIT)
+
+    async def stored_manifest(self, digest: Digest) -> bytes | None:
+        """A stored manifest's bytes (from memory where it can), without counting it as used."""
+        return await self._small(digest)
 
     async def _fetch_manifest(self, upstream: Source, name: str, reference: Reference, accept: str,
                               tag_it: bool) -> ManifestResult:
@@ -348,6 +346,7 @@ class Proxy:
         if await self._store.size(digest) is None:
             # Same digest, same bytes: a manifest stored under another tag is not written again.
             await self._store.put(digest, body)
+        self._bodies[digest] = body
         await self._record_blob(digest, len(body))
         await self._index.add_manifest(upstream, name, digest, media_type, references)
 
@@ -407,7 +406,7 @@ class Proxy:
         raise Unavailable(f"{digest} kept finishing before it could be read: try again")
 
     async def _small(self, digest: Digest) -> bytes | None:
-        """A small cached blob (a config, a signature) from memory, or read once into it."""
+        """A small stored blob or manifest from memory, or read once into it."""
         body = self._bodies.get(digest)
         if body is None and (body := await self._store.read(digest)) is not None:
             self._bodies[digest] = body
@@ -426,7 +425,7 @@ class Proxy:
         if size is not None and size > MANIFEST_MAX_BYTES:
             raise ManifestInvalid(f"{blob.digest if isinstance(blob, CachedBlob) else blob.fill.digest} is "
                                   f"{size} bytes: too large for a signature payload")
-        body = await self._store.read(_digest_of(route))
+        body = await self._small(_digest_of(route))
         if body is None:
             raise Unavailable(f"{_digest_of(route)} was fetched but cannot be read back: try again")
         return body

@@ -327,11 +327,16 @@ async def evict_now(config: Config, dry_run: bool) -> tuple[int, int, list[Evict
         store.spool.unlock()
 
 
+def evicts(config: Config) -> bool:
+    """Whether anything can ever be evicted: a disk budget, or an upstream's max_age."""
+    return config.eviction.max_size is not None or any(u.max_age is not None for u in config.upstreams)
+
+
 async def collect_live(services: Services, dry_run: bool) -> tuple[int, int, list[Evicted]]:
     """`evict_now` on the cache a running mirror serves, through its own evictor (so its usage
     stays right). A dry run works on a copy of the index, as `evict_now`'s."""
     config = services.config
-    if config.eviction.max_size is None and all(u.max_age is None for u in config.upstreams):
+    if not evicts(config):
         raise RequestInvalid("neither max_size nor any upstream's max_age is set: nothing to evict")
     if not dry_run:
         before = services.evictor.usage

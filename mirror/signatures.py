@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from mirror.errors import DigestInvalid
-from mirror.oci import Digest
+from mirror.oci import Digest, fallback_tag
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -60,7 +60,7 @@ PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519Public
 
 def signature_tag(subject: Digest) -> str:
     """The tag cosign stores the signatures of `subject` under."""
-    return f"sha256-{subject.hex}.sig"
+    return f"{fallback_tag(subject)}.sig"
 
 
 @dataclass(frozen=True, slots=True)

@@ -194,12 +194,12 @@ class BlobWriter:
             for step in extent.steps():
                 start = self.written
                 await self._in_threads(functools.partial(self._copy_in, step),
-                                       functools.partial(self._hash_copied, hashed, start))
+                                       functools.partial(self._hash_range, hashed, start))
                 hashed = start
                 self.written += step.size
                 if self.publishing:
                     await self._destination.grew(self)
-        await self._in_threads(functools.partial(self._hash_copied, hashed, self.written))
+        await self._in_threads(functools.partial(self._hash_range, hashed, self.written))
 
     async def receive(self, sock: int, count: int, timeout: float | None, progress: Callable[[], None]) -> None:
         """Append `count` bytes read from the socket `sock`, spliced into the spool file by the
@@ -315,10 +315,6 @@ class BlobWriter:
                     raise short from None
                 _write_all(self._fd, data)
                 copied += len(data)
-
-    def _hash_copied(self, start: int, end: int) -> None:
-        """Hash what `_copy_in` wrote between `start` and `end`."""
-        self._hash_range(start, end)
 
     def _hash_range(self, start: int, end: int) -> None:
         """Hash bytes [start, end) of the file, read back through the page cache (where the

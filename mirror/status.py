@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mirror.activity import EVICTION_UPSTREAM, Tally
+from mirror.activity import EVICTION_UPSTREAM, Tally, UpstreamHealth
 from mirror.errors import ConfigError, RequestInvalid
 from mirror.imagelist import ImageSpec, Platform, from_arguments
 from mirror.index import CachedImage
@@ -93,26 +93,21 @@ class Status:
         """Without `secrets`, only whether the mirror has credentials for an upstream, not
         where they come from (a user name, a key file)."""
         shown = []
-        for config in self._config.upstreams:
-            source = self._services.upstreams.get(config.name)
-            condition = source.condition() if source is not None else None
-            health = self._activity.health.get(config.name)
-            hour = self._activity.last_hour(config.name)
-            remaining, limit = self._activity.rate_limits.get(config.name, (None, None))
+        for name, source in self._services.upstreams.items():
+            condition = source.condition()
+            health = self._activity.health.get(name) or UpstreamHealth()
+            hour = self._activity.last_hour(name)
+            remaining, limit = self._activity.rate_limits.get(name, (None, None))
             shown.append({
-                "name": config.name, "url": config.url,
-                "state": condition.state if condition else "ok", "reason": condition.reason if condition else None,
-                "last_success": health.last_success if health else None,
-                "last_error": health.last_error if health else None,
-                "last_error_reason": health.last_error_reason if health else None,
+                "name": name, "url": source.config.url, "state": condition.state, "reason": condition.reason,
+                "last_success": health.last_success, "last_error": health.last_error,
+                "last_error_reason": health.last_error_reason,
                 "requests_last_hour": hour.upstream_requests, "errors_last_hour": hour.upstream_errors,
                 "rate_limited_last_hour": hour.upstream_429,
                 "error_rate": hour.upstream_errors / hour.upstream_requests if hour.upstream_requests else 0.0,
                 "ratelimit_remaining": remaining, "ratelimit_limit": limit,
-                "credentials": (condition.credentials if secrets else "configured")
-                if condition and condition.credentials else None,
-                "credentials_expire": condition.credentials_expire if condition else None,
-                "ttfb_median": health.ttfb_median() if health else None,
+                "credentials": (condition.credentials if secrets else "configured") if condition.credentials else None,
+                "credentials_expire": condition.credentials_expire, "ttfb_median": health.ttfb_median(),
             })
         return shown
 
@@ -167,7 +162,7 @@ class Status:
         """An index's platforms, each present (its manifest is cached) or not."""
         if image.media_type not in INDEX_TYPES:
             return []
-        body = await self._services.store.read(Digest.parse(image.digest))
+        body = await self._services.proxy.stored_manifest(Digest.parse(image.digest))
         try:
             manifests = json.loads(body or b"{}").get("manifests", [])
         except (ValueError, AttributeError):
