@@ -49,6 +49,12 @@ the quiet streak began, so that the idle wait itself is not counted. Resolution 
 a HEAD with ``X-Mirror-Cache: HIT``; this check comes after the second reading, so it is not
 counted either.
 
+The machine's CPU is read alongside, from /proc/stat's "cpu" line (user, nice, system, irq and
+softirq: everything that ran, client and kernel included, the host's steal left out). On
+loopback the kernel's TCP work is charged to whichever process is on the CPU when it runs: the
+proxy when it sends into an empty socket, a client when its reads pull queued data along. So
+one proxy's figure can fall just because the clients paid for its sends; the machine's cannot.
+
 The figure is CPU seconds per GiB of blob delivered. In the concurrent test it is given per
 GiB delivered to the clients and per GiB of blob (clients x more). The upstream's CPU per GiB
 is reported alongside: for direct pulls as the reference, and for the proxies to show how
@@ -229,17 +235,33 @@ def tree_ticks(roots: Sequence[int]) -> list[int]:
     return totals
 
 
+def machine_ticks() -> int:
+    """The machine's busy ticks, all CPUs and processes (user, nice, system, irq and softirq of
+    /proc/stat's "cpu" line; idle, iowait and the host's steal left out). On loopback, the kernel
+    work of a TCP transfer is charged to whichever process is on the CPU when it runs: the
+    sender's, or a receiver's as it reads. The machine's total does not depend on who pays."""
+    with open("/proc/stat", "rb") as stat:
+        fields = stat.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+    return user + nice + system + irq + softirq
+
+
+def readings(roots: Sequence[int]) -> list[int]:
+    """The ticks of each root's tree, then the machine's."""
+    return [*tree_ticks(roots), machine_ticks()]
+
+
 def settle(roots: Sequence[int]) -> tuple[list[int], float]:
     """Wait until the trees are quiet (at most SETTLE_QUIET_TICKS between them per interval,
-    SETTLE_STREAK intervals in a row) and return their ticks as of the start of the quiet streak,
+    SETTLE_STREAK intervals in a row) and return `readings` as of the start of the quiet streak,
     with the seconds waited. After SETTLE_TIMEOUT, the last reading."""
     started = time.monotonic()
-    previous = tree_ticks(roots)
+    previous = readings(roots)
     streak_start, streak = previous, 0
     while time.monotonic() - started < SETTLE_TIMEOUT:
         time.sleep(SETTLE_INTERVAL)
-        current = tree_ticks(roots)
-        if sum(current) - sum(previous) <= SETTLE_QUIET_TICKS:
+        current = readings(roots)
+        if sum(current[:-1]) - sum(previous[:-1]) <= SETTLE_QUIET_TICKS:
             if streak == 0:
                 streak_start = previous
             streak += 1
@@ -275,6 +297,7 @@ class Pull:
     cache: str | None
     proxy_cpu_s: float | None = None
     upstream_cpu_s: float | None = None
+    machine_cpu_s: float | None = None
 
     @property
     def mib_s(self) -> float:
@@ -576,13 +599,19 @@ class Series:
     def upstream_cpu_gib(self) -> float | None:
         return median(per_gib(p.upstream_cpu_s, p.size) for p in self.runs)
 
+    @property
+    def machine_cpu_gib(self) -> float | None:
+        return median(per_gib(p.machine_cpu_s, p.size) for p in self.runs)
+
     def as_json(self) -> dict[str, Any]:
         return {"median_mib_s": rnd(self.mib_s, 1), "median_ttfb_ms": rnd(self.ttfb_ms, 2),
                 "median_proxy_cpu_s_per_gib": rnd(self.proxy_cpu_gib, 3),
                 "median_upstream_cpu_s_per_gib": rnd(self.upstream_cpu_gib, 3),
+                "median_machine_cpu_s_per_gib": rnd(self.machine_cpu_gib, 3),
                 "runs": [{**asdict(p), "mib_s": round(p.mib_s, 1),
                           "proxy_cpu_s_per_gib": rnd(per_gib(p.proxy_cpu_s, p.size), 3),
-                          "upstream_cpu_s_per_gib": rnd(per_gib(p.upstream_cpu_s, p.size), 3)} for p in self.runs]}
+                          "upstream_cpu_s_per_gib": rnd(per_gib(p.upstream_cpu_s, p.size), 3),
+                          "machine_cpu_s_per_gib": rnd(per_gib(p.machine_cpu_s, p.size), 3)} for p in self.runs]}
 
 
 @dataclass
@@ -594,6 +623,7 @@ class Concurrent:
     pulls: list[Pull]
     proxy_cpu_s: float
     upstream_cpu_s: float
+    machine_cpu_s: float
 
     @property
     def aggregate_mib_s(self) -> float:
@@ -616,6 +646,10 @@ class Concurrent:
         return self.upstream_cpu_s / (self.size / GiB)
 
     @property
+    def machine_cpu_per_gib_delivered(self) -> float:
+        return self.machine_cpu_s / (self.clients * self.size / GiB)
+
+    @property
     def caches(self) -> str:
         counts = collections.Counter(p.cache or "-" for p in self.pulls)
         return " ".join(f"{name}x{count}" for name, count in sorted(counts.items()))
@@ -628,6 +662,8 @@ class Concurrent:
                 "proxy_cpu_s_per_gib_blob": round(self.cpu_per_gib_blob, 3),
                 "upstream_cpu_s": round(self.upstream_cpu_s, 3),
                 "upstream_cpu_s_per_gib_blob": round(self.upstream_cpu_per_gib_blob, 3),
+                "machine_cpu_s": round(self.machine_cpu_s, 3),
+                "machine_cpu_s_per_gib_delivered": round(self.machine_cpu_per_gib_delivered, 3),
                 "caches": self.caches, "all_verified": True,
                 "clients_detail": [{**asdict(p), "mib_s": round(p.mib_s, 1)} for p in self.pulls]}
 
@@ -799,14 +835,14 @@ class Bench:
         roots = [self.upstream.pid] if proxy is None else [proxy.pid, self.upstream.pid]
         if phase == "cold":
             self.free_pages()
-        before = tree_ticks(roots)
+        before = readings(roots)
         client = CurlPull(url)
         result = client.result(target, phase, self.digest, self.size, CACHE_HEADER.get(target))
         if proxy is not None:
             self.wait_on_disk(proxy)
         after, _ = settle(roots)
         cpu = [(a - b) / CLK_TCK for a, b in zip(after, before, strict=True)]
-        result.upstream_cpu_s = cpu[-1]
+        result.upstream_cpu_s, result.machine_cpu_s = cpu[-2:]
         if proxy is not None:
             result.proxy_cpu_s = cpu[0]
         return result
@@ -861,7 +897,7 @@ class Bench:
             roots = [proxy.pid, self.upstream.pid]
             url = self.blob_url(proxy.url)
             self.free_pages()
-            before = tree_ticks(roots)
+            before = readings(roots)
             started = time.perf_counter()
             running: list[CurlPull] = []
             try:
@@ -878,7 +914,8 @@ class Bench:
             self.retire(proxy)
         return Concurrent(target=kind, clients=clients, size=self.size, wall=wall, pulls=pulls,
                           proxy_cpu_s=(after[0] - before[0]) / CLK_TCK,
-                          upstream_cpu_s=(after[1] - before[1]) / CLK_TCK)
+                          upstream_cpu_s=(after[1] - before[1]) / CLK_TCK,
+                          machine_cpu_s=(after[2] - before[2]) / CLK_TCK)
 
     # Small requests
 
@@ -936,6 +973,7 @@ def describe(pull: Pull) -> str:
     if pull.proxy_cpu_s is not None:
         text += f"  proxy CPU {per_gib(pull.proxy_cpu_s, pull.size):6.3f} s/GiB"
     text += f"  upstream CPU {per_gib(pull.upstream_cpu_s, pull.size):6.3f} s/GiB"
+    text += f"  machine CPU {per_gib(pull.machine_cpu_s, pull.size):6.3f} s/GiB"
     if pull.cache:
         text += f"  {pull.cache}"
     return text
@@ -967,21 +1005,21 @@ def report(bench: Bench, blob: dict[str, Any] | None, small: dict[str, Any] | No
             "client: curl; CPU = the process tree's utime+stime per GiB of blob",
             "",
             f"{'one client':<28} {'MiB/s':>8} {'TTFB ms':>8} {'vs direct':>9} {'proxy CPU s/GiB':>16} "
-            f"{'upstream CPU s/GiB':>19}",
-            f"{'-' * 28} {'-' * 8} {'-' * 8} {'-' * 9} {'-' * 16} {'-' * 19}",
+            f"{'upstream CPU s/GiB':>19} {'machine CPU s/GiB':>18}",
+            f"{'-' * 28} {'-' * 8} {'-' * 8} {'-' * 9} {'-' * 16} {'-' * 19} {'-' * 18}",
         ]
         for key in ["direct", *(f"{k} {p}" for k in PROXIES for p in ("cold", "warm"))]:
             s = series[key]
             label = LABELS["direct"] if key == "direct" else f"{LABELS[key.split()[0]]}, {key.split()[1]}"
             lines.append(f"{label:<28} {fmt(s.mib_s, '.1f', 8)} {fmt(s.ttfb_ms, '.1f', 8)} "
                          f"{fmt(ratio(s.mib_s, direct.mib_s), '.2f', 8)}x {fmt(s.proxy_cpu_gib, '.3f', 16)} "
-                         f"{fmt(s.upstream_cpu_gib, '.3f', 19)}")
+                         f"{fmt(s.upstream_cpu_gib, '.3f', 19)} {fmt(s.machine_cpu_gib, '.3f', 18)}")
         clients = args.clients
         lines += [
             "",
             f"{f'{clients} cold clients at once':<28} {'aggr MiB/s':>10} {'slowest':>8} {'proxy CPU s/GiB':>16} "
-            f"{'s/GiB of blob':>13} {'upstream s/GiB blob':>19}  caches (last round)",
-            f"{'-' * 28} {'-' * 10} {'-' * 8} {'-' * 16} {'-' * 13} {'-' * 19}  {'-' * 19}",
+            f"{'s/GiB of blob':>13} {'upstream s/GiB blob':>19} {'machine CPU s/GiB':>18}  caches (last round)",
+            f"{'-' * 28} {'-' * 10} {'-' * 8} {'-' * 16} {'-' * 13} {'-' * 19} {'-' * 18}  {'-' * 19}",
         ]
         conc_medians: dict[str, dict[str, float | None]] = {}
         for kind in PROXIES:
@@ -990,15 +1028,17 @@ def report(bench: Bench, blob: dict[str, Any] | None, small: dict[str, Any] | No
                  "slowest_client_mib_s": median(r.slowest_mib_s for r in runs),
                  "proxy_cpu_s_per_gib_delivered": median(r.cpu_per_gib_delivered for r in runs),
                  "proxy_cpu_s_per_gib_blob": median(r.cpu_per_gib_blob for r in runs),
-                 "upstream_cpu_s_per_gib_blob": median(r.upstream_cpu_per_gib_blob for r in runs)}
+                 "upstream_cpu_s_per_gib_blob": median(r.upstream_cpu_per_gib_blob for r in runs),
+                 "machine_cpu_s_per_gib_delivered": median(r.machine_cpu_per_gib_delivered for r in runs)}
             conc_medians[kind] = m
             lines.append(f"{LABELS[kind]:<28} {fmt(m['aggregate_mib_s'], '.1f', 10)} "
                          f"{fmt(m['slowest_client_mib_s'], '.1f', 8)} "
                          f"{fmt(m['proxy_cpu_s_per_gib_delivered'], '.3f', 16)} "
                          f"{fmt(m['proxy_cpu_s_per_gib_blob'], '.3f', 13)} "
-                         f"{fmt(m['upstream_cpu_s_per_gib_blob'], '.3f', 19)}  {runs[-1].caches if runs else ''}")
-        lines.append("(proxy CPU s/GiB: per GiB delivered to the clients; s/GiB of blob: the same CPU per GiB of "
-                     "the blob; every client verified)")
+                         f"{fmt(m['upstream_cpu_s_per_gib_blob'], '.3f', 19)} "
+                         f"{fmt(m['machine_cpu_s_per_gib_delivered'], '.3f', 18)}  {runs[-1].caches if runs else ''}")
+        lines.append("(proxy and machine CPU s/GiB: per GiB delivered to the clients; s/GiB of blob: the proxy's CPU "
+                     "per GiB of the blob; every client verified)")
 
         def m_of(key: str, attr: str) -> float | None:
             value: float | None = getattr(series[key], attr)
