@@ -226,10 +226,12 @@ class BlobWriter:
                     await self._destination.grew(self)
                 progress()
         finally:
-            # What landed is hashed whatever happened next: a resume appends to it.
-            # (Not while a step still runs: a cancelled receive is never resumed.)
-            if self._broken is None and self._hashed < self.written and (
-                    self._pending is None or self._pending.done()):
+            # The caller closes `sock` once this is over, and its number may be reused at once:
+            # a step still under way (this receive was cancelled) is waited for. What landed is
+            # hashed whatever happened next: a resume appends to it.
+            if self._pending is not None:
+                await asyncio.wait([self._pending])
+            if self._broken is None and self._hashed < self.written:
                 await self._in_threads(functools.partial(self._hash_to, self.written))
 
     def _hash_to(self, end: int) -> None:

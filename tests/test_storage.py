@@ -3,9 +3,11 @@ hashed from the copy, published only when whole and matching."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,28 @@ async def test_without_a_kernel_copy_the_bytes_are_copied_by_hand(
     with open(source, "rb") as a:
         await store.put_extents(_digest(blob), [Extent(a.fileno(), 7, len(blob))])
     assert store.path(_digest(blob)).read_bytes() == blob
+
+
+async def test_a_cancelled_receive_has_let_go_of_the_socket(store: DiskStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller closes the socket once `receive` is over, and its number may be reused at
+    once: nothing may still read it then, even when the receive was cancelled mid-step (a
+    step made long here, so that the cancel surely comes while one waits on the socket)."""
+    monkeypatch.setattr(spool, "STEP_WAIT", 0.5)
+    blob = os.urandom(64 * 1024)
+    ours, upstream = socket.socketpair()
+    landed = asyncio.Event()
+    writer = store.writer(_digest(blob), len(blob))
+    try:
+        upstream.sendall(blob[:1000])
+        receiving = asyncio.create_task(writer.receive(ours.fileno(), len(blob), None, landed.set))
+        await landed.wait()
+        receiving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiving
+        upstream.sendall(b"meant for whoever reads the socket next")
+        ours.settimeout(5)
+        assert ours.recv(100) == b"meant for whoever reads the socket next"
+    finally:
+        await writer.discard()
+        ours.close()
+        upstream.close()
