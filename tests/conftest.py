@@ -41,6 +41,8 @@ from tests.support.redis_server import RedisServer
 from tests.support.registry import LocalRegistry, find_registry_binary, free_port
 from tests.support.seaweedfs import SeaweedFS, find_weed_binary
 
+pytest_plugins = ["tests.support.watchdog"]
+
 # Debian packages that provide the programs the tests drive.
 PACKAGES = {"docker-registry": "docker-registry", "skopeo": "skopeo", "dockerd": "docker.io", "docker": "docker.io",
             "containerd": "containerd", "ctr": "containerd", "podman": "podman", "unshare": "util-linux",
