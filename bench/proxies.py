@@ -236,10 +236,8 @@ def tree_ticks(roots: Sequence[int]) -> list[int]:
 
 
 def machine_ticks() -> int:
-    """The machine's busy ticks, all CPUs and processes (user, nice, system, irq and softirq of
-    /proc/stat's "cpu" line; idle, iowait and the host's steal left out). On loopback, the kernel
-    work of a TCP transfer is charged to whichever process is on the CPU when it runs: the
-    sender's, or a receiver's as it reads. The machine's total does not depend on who pays."""
+    """The machine's busy ticks: user, nice, system, irq and softirq of /proc/stat's "cpu" line
+    (why it is read: see the module's docstring)."""
     with open("/proc/stat", "rb") as stat:
         fields = stat.readline().split()
     user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
@@ -249,6 +247,11 @@ def machine_ticks() -> int:
 def readings(roots: Sequence[int]) -> list[int]:
     """The ticks of each root's tree, then the machine's."""
     return [*tree_ticks(roots), machine_ticks()]
+
+
+def cpu_seconds(before: Sequence[int], after: Sequence[int]) -> list[float]:
+    """CPU seconds between two `readings`: each root's tree, then the machine."""
+    return [(a - b) / CLK_TCK for a, b in zip(after, before, strict=True)]
 
 
 def settle(roots: Sequence[int]) -> tuple[list[int], float]:
@@ -833,15 +836,13 @@ class Bench:
     def measured_pull(self, target: str, phase: str, url: str, proxy: Proxy | None) -> Pull:
         """One curl pull with the CPU of the proxy's tree (if any) and the upstream's around it."""
         roots = [self.upstream.pid] if proxy is None else [proxy.pid, self.upstream.pid]
-        if phase == "cold":
-            self.free_pages()
         before = readings(roots)
         client = CurlPull(url)
         result = client.result(target, phase, self.digest, self.size, CACHE_HEADER.get(target))
         if proxy is not None:
             self.wait_on_disk(proxy)
         after, _ = settle(roots)
-        cpu = [(a - b) / CLK_TCK for a, b in zip(after, before, strict=True)]
+        cpu = cpu_seconds(before, after)
         result.upstream_cpu_s, result.machine_cpu_s = cpu[-2:]
         if proxy is not None:
             result.proxy_cpu_s = cpu[0]
@@ -871,6 +872,7 @@ class Bench:
             for kind in order:
                 proxy = self.start_proxy(kind)
                 try:
+                    self.free_pages()
                     pull = self.measured_pull(kind, "cold", self.blob_url(proxy.url), proxy)
                     self.expect_cache(pull, "MISS")
                     series[f"{kind} cold"].runs.append(pull)
@@ -912,10 +914,9 @@ class Bench:
             after, _ = settle(roots)
         finally:
             self.retire(proxy)
+        proxy_cpu, upstream_cpu, machine_cpu = cpu_seconds(before, after)
         return Concurrent(target=kind, clients=clients, size=self.size, wall=wall, pulls=pulls,
-                          proxy_cpu_s=(after[0] - before[0]) / CLK_TCK,
-                          upstream_cpu_s=(after[1] - before[1]) / CLK_TCK,
-                          machine_cpu_s=(after[2] - before[2]) / CLK_TCK)
+                          proxy_cpu_s=proxy_cpu, upstream_cpu_s=upstream_cpu, machine_cpu_s=machine_cpu)
 
     # Small requests
 

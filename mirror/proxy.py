@@ -272,14 +272,10 @@ class Proxy:
         # The index says first whether it is still cached (evicted: forgotten there); the bytes
         # of a digest never change, so memory may answer for the store.
         media_type = await self._index.manifest_type(digest)
-        if media_type is None or (body := await self.stored_manifest(digest)) is None:
+        if media_type is None or (body := await self.stored_body(digest)) is None:
             return None
         self._index.touch(digest)
         return ManifestResult(body, media_type, digest, CacheResult.HIT)
-
-    async def stored_manifest(self, digest: Digest) -> bytes | None:
-        """A stored manifest's bytes (from memory where it can), without counting it as used."""
-        return await self._small(digest)
 
     async def _fetch_manifest(self, upstream: Source, name: str, reference: Reference, accept: str,
                               tag_it: bool) -> ManifestResult:
@@ -380,7 +376,7 @@ class Proxy:
                     size = await self._store.size(digest)
                 if size is not None:
                     self._index.touch(digest)
-                    if size <= SMALL_BLOB and (body := await self._small(digest)) is not None:
+                    if size <= SMALL_BLOB and (body := await self.stored_body(digest)) is not None:
                         return CachedBlob(size, digest, None, body=body)
                     self._evictor.reading(digest)  # until `done_reading`: eviction leaves it alone
                     return CachedBlob(size, digest, self._store.local_path(digest), await self._store.redirect(digest))
@@ -405,8 +401,9 @@ class Proxy:
                 return StreamingBlob(fill, CacheResult.MISS, file)
         raise Unavailable(f"{digest} kept finishing before it could be read: try again")
 
-    async def _small(self, digest: Digest) -> bytes | None:
-        """A small stored blob or manifest from memory, or read once into it."""
+    async def stored_body(self, digest: Digest) -> bytes | None:
+        """A small stored blob or manifest from memory, or read once into it (not counted as a
+        use: callers that serve it touch the index themselves)."""
         body = self._bodies.get(digest)
         if body is None and (body := await self._store.read(digest)) is not None:
             self._bodies[digest] = body
@@ -425,7 +422,7 @@ class Proxy:
         if size is not None and size > MANIFEST_MAX_BYTES:
             raise ManifestInvalid(f"{blob.digest if isinstance(blob, CachedBlob) else blob.fill.digest} is "
                                   f"{size} bytes: too large for a signature payload")
-        body = await self._small(_digest_of(route))
+        body = await self.stored_body(_digest_of(route))
         if body is None:
             raise Unavailable(f"{_digest_of(route)} was fetched but cannot be read back: try again")
         return body

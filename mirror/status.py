@@ -162,7 +162,7 @@ class Status:
         """An index's platforms, each present (its manifest is cached) or not."""
         if image.media_type not in INDEX_TYPES:
             return []
-        body = await self._services.proxy.stored_manifest(Digest.parse(image.digest))
+        body = await self._services.proxy.stored_body(Digest.parse(image.digest))
         try:
             manifests = json.loads(body or b"{}").get("manifests", [])
         except (ValueError, AttributeError):
